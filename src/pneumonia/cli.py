@@ -1,0 +1,210 @@
+"""Every command a user runs: ``pneumonia train|export|evaluate|predict|card|serve|score``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("pneumonia")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="exported .onnx model (default: $MODEL_PATH, else the shipped model)")
+
+
+def _load_predictor(path: Path | None):  # noqa: ANN202 - keeps onnxruntime out of --help
+    from pneumonia.config import default_model_path
+    from pneumonia.predictor import Predictor
+
+    return Predictor(path or default_model_path())
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pneumonia.config import TrainConfig
+    from pneumonia.train import train
+
+    cfg = TrainConfig.load(a.config) if a.config else TrainConfig()
+    cfg = cfg.with_overrides(
+        epochs=a.epochs,
+        seeds=tuple(a.seeds) if a.seeds else None,
+        max_images=a.max_images,
+        threads=a.threads,
+        patience=a.patience,
+        batch_size=a.batch_size,
+    )
+    if a.arch:
+        cfg = replace(cfg, model=replace(cfg.model, arch=a.arch))
+    if a.size:
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=a.size))
+    if a.no_augment:
+        cfg = replace(cfg, augment=replace(cfg.augment, enabled=False))
+    record = train(cfg, a.data, a.out, progress=not a.no_progress)
+    print(json.dumps({"run_dir": str(a.out), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"]}))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from pneumonia.export import export_run
+
+    card = export_run(a.run_dir, a.out, name=a.name)
+    print(json.dumps({"model": str(a.out), "sha256": card["sha256"], "bytes": card["bytes"], "threshold": card["threshold"]}))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pneumonia.data import list_split, load_images, resolve_split
+    from pneumonia.evaluate import evaluate_predictions, markdown_summary
+
+    predictor = _load_predictor(a.model)
+    folder = resolve_split(a.data, "test")
+    loaded = load_images(list_split(folder), predictor.spec, progress=not a.no_progress)
+    probs = predictor.probabilities(loaded.x)
+    ev = evaluate_predictions(
+        loaded.y,
+        probs,
+        predictor.threshold,
+        extra={
+            "data": str(folder),
+            "skipped": [[str(p), why] for p, why in loaded.skipped],
+            "model": {"name": predictor.name, "version": predictor.version, "sha256": predictor.sha256},
+        },
+    )
+    report = ev.to_json()
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(report, indent=1) + "\n")
+    if a.markdown:
+        a.markdown.write_text(markdown_summary(report, f"{predictor.name} on {folder.name}"))
+    if a.predictions:
+        import csv
+
+        with a.predictions.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "p_pneumonia"])
+            for s, y, p in zip(loaded.samples, loaded.y, probs, strict=True):
+                w.writerow([str(s.path), int(y), f"{p:.6f}"])
+    if a.plots:
+        from pneumonia.plots import plot_report, plot_training_curves
+
+        plot_report(report, a.plots, title=folder.name)
+        if a.run_dir:
+            plot_training_curves(a.run_dir, a.plots)
+    summary = {k: report[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity", "threshold")}
+    summary["skipped"] = len(loaded.skipped)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from pneumonia.preprocess import ImageError
+
+    predictor = _load_predictor(a.model)
+    status = 0
+    for path in a.images:
+        try:
+            pred = predictor.predict_bytes(Path(path).read_bytes())
+            print(json.dumps({"filename": str(path), **pred.to_dict()}))
+        except (ImageError, OSError) as exc:
+            status = 1
+            code = getattr(exc, "code", "unreadable_file")
+            msg = getattr(exc, "message", None) or f"cannot read {path}: {type(exc).__name__}"
+            print(json.dumps({"filename": str(path), "error": {"code": code, "message": msg}}))
+    return status
+
+
+def cmd_card(a: argparse.Namespace) -> int:
+    from pneumonia.export import render_model_card
+    from pneumonia.predictor import sidecar_card_path
+
+    card = json.loads(sidecar_card_path(a.model).read_text())
+    test = json.loads(a.report.read_text()) if a.report else None
+    base = json.loads(a.baseline.read_text()) if a.baseline else None
+    a.out.write_text(render_model_card(card, test, base))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train on ROOT/train (Kaggle layout) or DIR/{NORMAL,PNEUMONIA}")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True, help="run folder to write")
+    t.add_argument("--config", type=Path, help="a config.json from an earlier run")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seeds", type=int, nargs="+", help="one ensemble member per seed")
+    t.add_argument("--arch", choices=["cnn", "logreg"])
+    t.add_argument("--size", type=int, help="input size in pixels")
+    t.add_argument("--patience", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--max-images", type=int, help="subsample the training folder (smoke tests)")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a run folder to ONNX with its model card")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--name", help="model name in the card (default pneumonia-<arch>)")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("evaluate", help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA}")
+    v.add_argument("--data", type=Path, required=True)
+    v.add_argument("--json", type=Path, required=True)
+    _model_arg(v)
+    v.add_argument("--plots", type=Path, help="folder for ROC, PR, confusion, reliability, sweep plots")
+    v.add_argument("--run-dir", type=Path, help="training run folder: also plot its training curves")
+    v.add_argument("--markdown", type=Path, help="also write a Markdown summary")
+    v.add_argument("--predictions", type=Path, help="also write per-image predictions (CSV)")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="one JSON line per image")
+    r.add_argument("images", nargs="+", type=Path)
+    _model_arg(r)
+    r.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("card", help="render the Markdown model card with held-out reports")
+    _model_arg(c)
+    c.add_argument("--report", type=Path, help="evaluation JSON of the model on the test set")
+    c.add_argument("--baseline", type=Path, help="evaluation JSON of the baseline on the same set")
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(func=cmd_card)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _setup_logging(a.verbose)
+    if a.command == "card" and a.model is None:
+        from pneumonia.config import default_model_path
+
+        a.model = default_model_path()
+    from pneumonia.data import DatasetLayoutError
+    from pneumonia.predictor import ModelLoadError
+
+    try:
+        return int(a.func(a))
+    except (DatasetLayoutError, ModelLoadError, FileNotFoundError) as exc:
+        print(f"pneumonia {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Typed configuration, resolved once and saved with every run; default paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pneumonia.augment import AugmentConfig
+from pneumonia.model import ModelConfig
+from pneumonia.preprocess import PreprocessSpec
+
+#: Environment variable naming the exported model every command and the service use.
+MODEL_PATH_ENV = "MODEL_PATH"
+
+
+def shipped_model_path() -> Path:
+    """The model committed under ``artifacts/`` and installed with the package."""
+    return Path(str(resources.files("pneumonia.artifacts").joinpath("model.onnx")))
+
+
+def default_model_path() -> Path:
+    """``$MODEL_PATH`` if set, else the shipped model."""
+    env = os.environ.get(MODEL_PATH_ENV)
+    return Path(env) if env else shipped_model_path()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run.
+
+    Attributes:
+        seeds: One ensemble member is trained per seed; their logits are averaged.
+        split_seed: Seed of the patient-grouped validation split (fixed across members).
+        val_fraction: Share of each class's training images held out as validation patients.
+        epochs: Maximum epochs per member.
+        patience: Stop a member after this many epochs without a better checkpoint.
+        threshold_rule / min_sensitivity: How the operating threshold is chosen on validation.
+        max_images: Use at most this many training images (for smoke tests); None for all.
+        threads: Torch CPU threads; None uses every core.
+    """
+
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seeds: tuple[int, ...] = (0,)
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    epochs: int = 24
+    patience: int = 8
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    threshold_rule: str = "min_sensitivity"
+    min_sensitivity: float = 0.98
+    max_images: int | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not 0.5 <= self.min_sensitivity < 1.0:
+            raise ValueError(f"min_sensitivity must be in [0.5, 1), got {self.min_sensitivity}")
+
+    def with_overrides(self, **kw: Any) -> TrainConfig:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        d["model"] = self.model.to_dict()
+        d["augment"] = self.augment.to_dict()
+        d["seeds"] = list(self.seeds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        kw = dict(d)
+        kw["preprocess"] = PreprocessSpec.from_dict(kw["preprocess"])
+        kw["model"] = ModelConfig.from_dict(kw["model"])
+        kw["augment"] = AugmentConfig.from_dict(kw["augment"])
+        kw["seeds"] = tuple(kw["seeds"])
+        return cls(**kw)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls.from_dict(json.loads(path.read_text()))

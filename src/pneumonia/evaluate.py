@@ -1,0 +1,250 @@
+"""Metrics from predictions, the threshold rule, and the JSON evaluation report.
+
+PNEUMONIA (label 1) is the positive class throughout. numpy only: evaluation runs through
+the exported ONNX model, without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: The threshold rule fixed before any test-set figure was seen (see the model card):
+#: the highest threshold whose validation sensitivity is still at least this.
+DEFAULT_MIN_SENSITIVITY = 0.98
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p), dtype=np.float64)
+    sp = p[order]
+    # Average ranks over ties.
+    uniq, start, counts = np.unique(sp, return_index=True, return_counts=True)
+    avg = start + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds); predicting positive when ``p >= threshold``."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    thr = np.unique(p)[::-1]
+    pos = (p[None, :] >= thr[:, None]) if len(p) * len(thr) <= 4_000_000 else None
+    if pos is None:
+        order = np.argsort(-p, kind="mergesort")
+        sp, sy = p[order], y[order]
+        last = np.r_[np.nonzero(np.diff(sp))[0], len(sp) - 1]
+        tp, fp = np.cumsum(sy)[last], np.cumsum(~sy)[last]
+    else:
+        tp, fp = (pos & y).sum(1), (pos & ~y).sum(1)
+    tpr = np.r_[0.0, tp / max(1, y.sum())]
+    fpr = np.r_[0.0, fp / max(1, (~y).sum())]
+    return fpr, tpr, np.r_[np.inf, thr]
+
+
+def precision_recall_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) over all distinct thresholds, high to low."""
+    fpr, tpr, _ = roc_curve(y, p)
+    y = np.asarray(y).astype(bool)
+    tp, fp = tpr * y.sum(), fpr * (~y).sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+    return precision, tpr
+
+
+def confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(p) >= threshold
+    return {
+        "tn": int((~pred & ~y).sum()),
+        "fp": int((pred & ~y).sum()),
+        "fn": int((~pred & y).sum()),
+        "tp": int((pred & y).sum()),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, PPV, NPV and F1 at one threshold."""
+    c = confusion(y, p, threshold)
+    tp, tn, fp, fn = c["tp"], c["tn"], c["fp"], c["fn"]
+    sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+    return {
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "sensitivity": sens,
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": ppv,
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * ppv * sens, ppv + sens) if tp else 0.0,
+    }
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Equal-width reliability bins: mean confidence, observed frequency and count per bin."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    conf, freq, count = [], [], []
+    for b in range(bins):
+        m = idx == b
+        count.append(int(m.sum()))
+        conf.append(float(p[m].mean()) if m.any() else float("nan"))
+        freq.append(float(y[m].mean()) if m.any() else float("nan"))
+    return {"mean_predicted": conf, "fraction_positive": freq, "count": count}
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE of P(PNEUMONIA) over equal-width bins, weighted by bin size."""
+    r = reliability(y, p, bins)
+    n = max(1, len(y))
+    return float(
+        sum(
+            c / n * abs(f - m)
+            for c, f, m in zip(r["count"], r["fraction_positive"], r["mean_predicted"], strict=True)
+            if c
+        )
+    )
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((np.asarray(p, np.float64) - np.asarray(y, np.float64)) ** 2))
+
+
+def bootstrap_auc_ci(
+    y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval for ROC-AUC (resampling images with replacement)."""
+    y, p = np.asarray(y), np.asarray(p)
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        a = roc_auc(y[i], p[i])
+        if not np.isnan(a):
+            aucs.append(a)
+    alpha = (1 - level) / 2
+    return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
+
+
+def choose_threshold(
+    y: np.ndarray, p: np.ndarray, rule: str = "min_sensitivity", min_sensitivity: float = DEFAULT_MIN_SENSITIVITY
+) -> float:
+    """Pick the operating threshold on validation predictions.
+
+    Rules:
+        ``min_sensitivity``: the highest threshold whose sensitivity is still at least
+            ``min_sensitivity``; i.e. the most specific operating point that keeps a screening
+            tool's miss rate within budget.
+        ``youden``: the threshold maximising sensitivity + specificity - 1 (midpoint of the
+            best plateau).
+    """
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    if y.all() or (~y).all():
+        raise ValueError("threshold choice needs both classes in the validation split")
+    if rule == "min_sensitivity":
+        pos = np.sort(p[y])
+        # Allow at most floor((1 - s) * n_pos) misses: threshold at the next positive score.
+        k = int(np.floor((1.0 - min_sensitivity) * len(pos) + 1e-9))
+        return float(pos[k])
+    if rule == "youden":
+        fpr, tpr, thr = roc_curve(y, p)
+        j = tpr - fpr
+        best = np.flatnonzero(j == j.max())
+        return float(np.clip(np.median(thr[best]), 0.0, 1.0))
+    raise ValueError(f"unknown threshold rule {rule!r}; expected 'min_sensitivity' or 'youden'")
+
+
+def threshold_sweep(y: np.ndarray, p: np.ndarray, steps: int = 101) -> dict[str, list[float]]:
+    ts = np.linspace(0.0, 1.0, steps)
+    rows = [threshold_metrics(y, p, float(t)) for t in ts]
+    out: dict[str, list[float]] = {"threshold": [float(t) for t in ts]}
+    for key in ("accuracy", "sensitivity", "specificity", "f1"):
+        out[key] = [r[key] for r in rows]
+    return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything measured on one labelled set; ``to_json`` is the report format."""
+
+    report: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report
+
+
+def evaluate_predictions(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Evaluation:
+    """Build the full evaluation report from labels and calibrated P(PNEUMONIA).
+
+    Top-level keys: n, auc, auc_ci95, accuracy, sensitivity, specificity, ppv, npv, f1,
+    brier, ece, threshold, confusion_matrix, class_counts, and ``curves`` (ROC, PR,
+    reliability, threshold sweep) for the plots.
+    """
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(y, p)
+    prec, rec = precision_recall_curve(y, p)
+    lo, hi = bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed)
+    report: dict[str, Any] = {
+        "n": int(len(y)),
+        "class_counts": {"NORMAL": int((y == 0).sum()), "PNEUMONIA": int((y == 1).sum())},
+        "positive_class": "PNEUMONIA",
+        "auc": roc_auc(y, p),
+        "auc_ci95": [lo, hi],
+        **threshold_metrics(y, p, threshold),
+        "brier": brier(y, p),
+        "ece": expected_calibration_error(y, p),
+        "threshold": float(threshold),
+        "confusion_matrix": confusion(y, p, threshold),
+        "curves": {
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": np.nan_to_num(thr, posinf=1.0).tolist()},
+            "pr": {"precision": prec.tolist(), "recall": rec.tolist()},
+            "reliability": reliability(y, p),
+            "threshold_sweep": threshold_sweep(y, p),
+        },
+    }
+    if extra:
+        report.update(extra)
+    return Evaluation(report)
+
+
+def markdown_summary(report: dict[str, Any], title: str) -> str:
+    """A short Markdown table of an evaluation report."""
+    cm = report["confusion_matrix"]
+    lo, hi = report["auc_ci95"]
+    rows = [
+        ("images", f"{report['n']} ({report['class_counts']['NORMAL']} NORMAL, {report['class_counts']['PNEUMONIA']} PNEUMONIA)"),
+        ("ROC-AUC (95% bootstrap CI)", f"{report['auc']:.4f} ({lo:.4f}-{hi:.4f})"),
+        ("threshold on P(PNEUMONIA)", f"{report['threshold']:.4f}"),
+        ("accuracy", f"{report['accuracy']:.4f}"),
+        ("sensitivity (recall of PNEUMONIA)", f"{report['sensitivity']:.4f}"),
+        ("specificity", f"{report['specificity']:.4f}"),
+        ("PPV / NPV", f"{report['ppv']:.4f} / {report['npv']:.4f}"),
+        ("F1", f"{report['f1']:.4f}"),
+        ("Brier score / ECE", f"{report['brier']:.4f} / {report['ece']:.4f}"),
+        ("confusion (tn, fp, fn, tp)", f"{cm['tn']}, {cm['fp']}, {cm['fn']}, {cm['tp']}"),
+    ]
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"

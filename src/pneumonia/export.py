@@ -1,0 +1,233 @@
+"""Export a training run to one ONNX file that carries its model card, plus sidecar cards."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumonia import __version__
+from pneumonia.config import TrainConfig
+from pneumonia.data import LABELS
+from pneumonia.predictor import CARD_METADATA_KEY, INPUT_NAME, OUTPUT_NAMES, Predictor, sha256_file, sidecar_card_path
+
+log = logging.getLogger(__name__)
+
+INTENDED_USE = (
+    "Research and engineering use: triage support, dataset audits and benchmarking of "
+    "pneumonia detection on pediatric chest X-rays. Not a diagnostic device; every output "
+    "must be reviewed by a qualified clinician."
+)
+LIMITATIONS = [
+    "Trained only on pediatric (1-5 years) anterior-posterior chest films from one hospital "
+    "(Guangzhou Women and Children's Medical Center, Kermany et al. 2018).",
+    "Not validated on adults, lateral views, other hospitals, scanners or populations.",
+    "Binary NORMAL vs PNEUMONIA only; it does not tell bacterial from viral pneumonia and "
+    "says nothing about other findings.",
+    "The official test set differs from the training distribution; scores on new sources can "
+    "be lower and the threshold may need re-validation on local data.",
+    "Not a diagnostic device; not cleared or approved by any regulator.",
+]
+
+#: Tolerance for ONNX Runtime vs PyTorch logits, checked at every export.
+PARITY_ATOL = 1e-4
+
+
+def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: str, n_params: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "name": name,
+        "version": __version__,
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "labels": list(LABELS),
+        "positive_label": LABELS[1],
+        "threshold": calib["threshold"],
+        "threshold_rule": {
+            "rule": calib["threshold_rule"],
+            "min_sensitivity": calib["min_sensitivity"],
+            "description": "highest threshold on calibrated P(PNEUMONIA) whose validation "
+            "sensitivity is at least min_sensitivity" if calib["threshold_rule"] == "min_sensitivity"
+            else "Youden's J on validation",
+        },
+        "temperature": calib["temperature"],
+        "calibration": "temperature scaling fitted on the validation split: p = sigmoid(logit / temperature)",
+        "preprocess": cfg.preprocess.to_dict(),
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", *cfg.preprocess.input_shape], "range": list(cfg.preprocess.value_range)},
+        "outputs": {
+            OUTPUT_NAMES[0]: "raw logit of PNEUMONIA, shape (N,)",
+            OUTPUT_NAMES[1]: "class activation map, shape (N, h, w); its spatial mean is the logit",
+        },
+        "architecture": {**cfg.model.to_dict(), "members": len(cfg.seeds), "parameters": n_params},
+        "training": {
+            "config": cfg.to_dict(),
+            "data": calib["data"],
+            "members": calib["members"],
+        },
+        "validation_metrics": calib["validation"],
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+        "versions": {
+            "pneumonia": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
+        "run_dir": run_dir.name,
+    }
+
+
+def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, Any]:
+    """Export the ensemble of a run folder to ``out`` (ONNX) with card JSON and Markdown beside it.
+
+    Checks that onnxruntime reproduces the PyTorch logits and CAMs within ``PARITY_ATOL``.
+
+    Returns:
+        The sidecar card (the embedded card plus ``sha256`` and ``file``).
+    """
+    import onnx
+    import torch
+
+    from pneumonia.model import EnsembleForExport
+    from pneumonia.train import load_member, member_dirs
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = TrainConfig.load(run_dir / "config.json")
+    calib_path = run_dir / "calibration.json"
+    if not calib_path.is_file():
+        raise FileNotFoundError(f"{calib_path} is missing; the training run did not finish")
+    calib = json.loads(calib_path.read_text())
+    members = [load_member(d / "best.pt") for d in member_dirs(run_dir)]
+    net = EnsembleForExport(members).eval()
+    n_params = sum(p.numel() for p in net.parameters())
+    name = name or f"pneumonia-{cfg.model.arch}"
+    card = _model_card(run_dir, cfg, calib, name, n_params)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, *cfg.preprocess.input_shape)
+    tmp = out.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        net,
+        (example,),
+        str(tmp),
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    proto = onnx.load(str(tmp))
+    tmp.unlink()
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_METADATA_KEY, json.dumps(card)
+    proto.producer_name = "pneumonia-detection"
+    proto.producer_version = __version__
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+
+    sidecar = {**card, "sha256": sha256_file(out), "file": out.name, "bytes": out.stat().st_size}
+    sidecar_card_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
+    out.with_suffix(".card.md").write_text(render_model_card(sidecar))
+
+    # Parity: the exported graph must reproduce the PyTorch ensemble.
+    check = torch.rand(4, *cfg.preprocess.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_logit, ref_cam = net(check)
+    logits, cams = Predictor(out, threads=1).run(check.numpy())
+    err = max(float(np.abs(logits - ref_logit.numpy()).max()), float(np.abs(cams - ref_cam.numpy()).max()))
+    if err > PARITY_ATOL:
+        raise RuntimeError(f"ONNX export disagrees with PyTorch by {err:.2e} (> {PARITY_ATOL})")
+    log.info("exported %s (%d bytes, sha256 %s, parity %.1e)", out, sidecar["bytes"], sidecar["sha256"][:12], err)
+    return sidecar
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+#: Published reference points quoted in the model card and README.
+REFERENCES = [
+    ("Kermany et al. 2018 (ImageNet transfer learning)", "0.968", "0.928", "0.932", "0.901"),
+    ("MedMNIST v2 PneumoniaMNIST, ResNet-50 (224)", "0.962", "0.884", "-", "-"),
+    ("Original system (TensorFlow CNN, 128x128)", "never measured on held-out data", "-", "-", "-"),
+]
+
+
+def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table: our models' test figures beside the published references."""
+    lines = [
+        "| model | test ROC-AUC | accuracy | sensitivity | specificity |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['auc']:.3f} | {r['accuracy']:.3f} | {r['sensitivity']:.3f} | {r['specificity']:.3f} |")
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in REFERENCES]
+    return "\n".join(lines) + "\n"
+
+
+def render_model_card(card: dict[str, Any], test: dict[str, Any] | None = None, baseline: dict[str, Any] | None = None) -> str:
+    """The Markdown model card; test reports, when given, add the held-out figures."""
+    v = card["validation_metrics"]
+    data = card["training"]["data"]
+    pp = card["preprocess"]
+    arch = card["architecture"]
+    lines = [
+        f"# Model card: {card['name']} {card['version']}",
+        "",
+        "## Intended use",
+        card["intended_use"],
+        "",
+        "## Limits",
+        *[f"- {x}" for x in card["limitations"]],
+        "",
+        "## Model",
+        f"- File: `{card.get('file', '?')}`, sha256 `{card.get('sha256', '?')}`",
+        f"- Architecture: {arch['arch']} (channels {arch['channels']}), ensemble of {arch['members']}, "
+        f"{arch['parameters']:,} parameters; global average pooling and a linear head (class activation maps without gradients).",
+        f"- Input: {pp['size']}x{pp['size']} grayscale, float32 in {pp['value_range']}, aspect ratio {pp['resize']}ed, "
+        f"{pp['interpolation']} resampling; {pp['normalization']}.",
+        f"- Output: calibrated P(PNEUMONIA) = sigmoid(logit / {card['temperature']:.4f}) (temperature fitted on validation).",
+        f"- Operating threshold: **{card['threshold']:.4f}**; rule: {card['threshold_rule']['description']} "
+        f"(min_sensitivity = {card['threshold_rule'].get('min_sensitivity')}). Chosen before any test-set figure was seen.",
+        "",
+        "## Training data",
+        f"- Source: Kermany et al. 2018 pediatric chest X-rays (CC BY 4.0), training folder only.",
+        f"- Training split: {data['train']} ({data['train_patients']} patients); validation split (patient-grouped): {data['validation']}.",
+        f"- Unreadable files skipped: {len(data['skipped'])}.",
+        "",
+        "## Validation metrics (patient-grouped split of train; used to choose everything)",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(x)} |" for k, x in v.items()],
+        "",
+    ]
+    if test is not None:
+        rows = [(f"{card['name']} (this model)", test)]
+        if baseline is not None:
+            rows.append(("Logistic-regression baseline (same code)", baseline))
+        cm = test["confusion_matrix"]
+        lo, hi = test["auc_ci95"]
+        lines += [
+            "## Held-out evaluation: the official test set (624 images, never used for any choice)",
+            f"ROC-AUC {test['auc']:.4f} (95% bootstrap CI {lo:.4f}-{hi:.4f}); at threshold {test['threshold']:.4f}: "
+            f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}, "
+            f"PPV {test['ppv']:.4f}, NPV {test['npv']:.4f}, F1 {test['f1']:.4f}, Brier {test['brier']:.4f}, ECE {test['ece']:.4f}; "
+            f"confusion tn={cm['tn']} fp={cm['fp']} fn={cm['fn']} tp={cm['tp']}.",
+            "",
+            comparison_table(rows),
+        ]
+    lines += [
+        "## Versions",
+        *[f"- {k}: {x}" for k, x in card["versions"].items()],
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""Load an exported model once; bytes in, typed prediction out. onnxruntime + numpy only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumonia.calibration import calibrated_probability
+from pneumonia.data import LABELS
+from pneumonia.preprocess import PreprocessSpec, check_model_input, decode_gray, resize_gray
+
+log = logging.getLogger(__name__)
+
+#: Key of the model card JSON inside the ONNX file's metadata_props.
+CARD_METADATA_KEY = "model_card"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logit", "cam")
+
+
+class ModelLoadError(RuntimeError):
+    """The model file is missing, corrupt, or lacks what prediction needs."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. ``probability`` is the probability of ``label``."""
+
+    label: str
+    probability: float
+    p_pneumonia: float
+    p_normal: float
+    threshold: float
+    logit: float
+    cam: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prediction": self.label,
+            "probability": self.probability,
+            "probabilities": {"NORMAL": self.p_normal, "PNEUMONIA": self.p_pneumonia},
+            "threshold": self.threshold,
+        }
+
+
+def sidecar_card_path(model_path: Path) -> Path:
+    """``model.onnx`` -> ``model.card.json``."""
+    return model_path.with_suffix(".card.json")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup CPU quota if set, else the affinity mask."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, int(quota + 0.999)))
+    return max(1, n)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:  # cgroup v2: "max 100000" or "10000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return q / p if q > 0 and p > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _validate_card(card: dict[str, Any], path: Path) -> None:
+    missing = [k for k in ("labels", "threshold", "temperature", "preprocess", "name") if k not in card]
+    if missing:
+        raise ModelLoadError(f"model card in {path} lacks {missing}; re-export the model with `pneumonia export`")
+    if list(card["labels"]) != list(LABELS):
+        raise ModelLoadError(f"model {path} has labels {card['labels']}, expected {list(LABELS)}")
+    if not 0.0 <= float(card["threshold"]) <= 1.0 or float(card["temperature"]) <= 0.0:
+        raise ModelLoadError(f"model {path} has threshold {card['threshold']} / temperature {card['temperature']} out of range")
+
+
+class Predictor:
+    """An exported ONNX model with its card, loaded once.
+
+    Args:
+        path: The ``.onnx`` file written by ``pneumonia export``.
+        threads: onnxruntime intra-op threads; default: the CPUs the cgroup quota allows.
+
+    Raises:
+        ModelLoadError: missing, unreadable or incomplete model file, naming what is wrong.
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"model file {self.path} does not exist; set MODEL_PATH or --model to an exported .onnx")
+        self.sha256 = sha256_file(self.path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or available_cpus()
+        opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelLoadError(f"model file {self.path} is not a valid ONNX model ({type(exc).__name__})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CARD_METADATA_KEY not in meta:
+            raise ModelLoadError(f"model file {self.path} carries no model card; export it with `pneumonia export`")
+        try:
+            self.card: dict[str, Any] = json.loads(meta[CARD_METADATA_KEY])
+            _validate_card(self.card, self.path)
+            self.spec = PreprocessSpec.from_dict(self.card["preprocess"])
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"model card in {self.path} is invalid: {exc}") from None
+        inputs = self.session.get_inputs()
+        outputs = [o.name for o in self.session.get_outputs()]
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or tuple(outputs) != OUTPUT_NAMES:
+            raise ModelLoadError(f"model {self.path} must take '{INPUT_NAME}' and give {OUTPUT_NAMES}, got {[i.name for i in inputs]} -> {outputs}")
+        if list(inputs[0].shape[1:]) != list(self.spec.input_shape):
+            raise ModelLoadError(f"model {self.path} takes input {inputs[0].shape}, but its card says {self.spec.input_shape}")
+        sidecar = sidecar_card_path(self.path)
+        if sidecar.is_file():
+            declared = json.loads(sidecar.read_text()).get("sha256")
+            if declared and declared != self.sha256:
+                raise ModelLoadError(f"{sidecar} describes a different file (sha256 {declared[:12]}..., file has {self.sha256[:12]}...)")
+        self.threshold = float(self.card["threshold"])
+        self.temperature = float(self.card["temperature"])
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "unknown"))
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Bytes to one model input (C, H, W); raises ``ImageError`` on a bad image."""
+        return resize_gray(decode_gray(data, draft_size=self.spec.size), self.spec)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (logits (N,), CAMs (N, h, w)) for a preprocessed batch (N, C, H, W)."""
+        check_model_input(batch, self.spec)
+        logits, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        return np.asarray(logits, dtype=np.float64).reshape(-1), np.asarray(cams)
+
+    def probabilities(self, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Calibrated P(PNEUMONIA) for a preprocessed batch."""
+        if len(batch) == 0:
+            return np.zeros(0)
+        logits = np.concatenate([self.run(batch[i : i + chunk])[0] for i in range(0, len(batch), chunk)])
+        return calibrated_probability(logits, self.temperature)
+
+    def predict_arrays(self, batch: np.ndarray, with_cam: bool = False) -> list[Prediction]:
+        logits, cams = self.run(batch)
+        probs = calibrated_probability(logits, self.temperature)
+        return [self._prediction(float(z), float(p), cams[i] if with_cam else None) for i, (z, p) in enumerate(zip(logits, probs, strict=True))]
+
+    def predict_bytes(self, data: bytes, with_cam: bool = False) -> Prediction:
+        """Decode, preprocess and classify one encoded image."""
+        return self.predict_arrays(self.preprocess(data)[None], with_cam=with_cam)[0]
+
+    def _prediction(self, logit: float, p: float, cam: np.ndarray | None) -> Prediction:
+        positive = p >= self.threshold
+        return Prediction(
+            label=LABELS[1] if positive else LABELS[0],
+            probability=p if positive else 1.0 - p,
+            p_pneumonia=p,
+            p_normal=1.0 - p,
+            threshold=self.threshold,
+            logit=logit,
+            cam=cam,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """The model card plus the file's identity."""
+        return {**self.card, "sha256": self.sha256, "path": str(self.path)}

@@ -1,0 +1,325 @@
+"""The one place that knows how image bytes become model input.
+
+Training, evaluation, batch scoring and the HTTP service all call :func:`preprocess_bytes`
+with the :class:`PreprocessSpec` stored inside the exported model, so a 224x224 training copy
+and a 2000x1600 original go through exactly the same steps:
+
+1. recognise the format from the bytes (JPEG, PNG or DICOM; nothing else);
+2. decode to one grayscale channel scaled to [0, 1] (8-bit / 255, 16-bit / 65535, DICOM
+   after modality LUT, VOI LUT / window and MONOCHROME1 inversion, min-max scaled);
+3. stretch to ``size x size`` (aspect ratio not kept, as the Kermany copies were made) with
+   antialiased bilinear interpolation in float32.
+
+Per-image standardisation (zero mean, unit variance) happens inside the network itself, so
+exposure and contrast constants never have to be copied anywhere else.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Decoded images larger than this are refused as decompression bombs (about 8k x 8k).
+MAX_PIXELS = 64_000_000
+#: Smaller images carry too little information to classify.
+MIN_SIDE = 32
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DICOM_MAGIC_OFFSET = 128
+DICOM_MAGIC = b"DICM"
+
+SUPPORTED_FORMATS = ("jpeg", "png", "dicom")
+
+# Magic numbers of formats we recognise but do not accept, so the message can name them.
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"RIFF", "RIFF/WebP"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+)
+
+
+class ImageError(ValueError):
+    """An image that cannot become model input; carries a stable code and an HTTP status."""
+
+    code = "invalid_image"
+    status = 422
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyImageError(ImageError):
+    code = "empty_file"
+    status = 400
+
+
+class UnsupportedFormatError(ImageError):
+    code = "unsupported_format"
+    status = 415
+
+
+class UnsupportedTransferSyntaxError(ImageError):
+    code = "unsupported_transfer_syntax"
+    status = 415
+
+
+class UndecodableImageError(ImageError):
+    code = "undecodable_image"
+    status = 422
+
+
+class ImageTooSmallError(ImageError):
+    code = "image_too_small"
+    status = 422
+
+
+class DecompressionBombError(ImageError):
+    code = "decompression_bomb"
+    status = 422
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn bytes into model input; stored inside every exported model.
+
+    Attributes:
+        size: Output height and width in pixels.
+        channels: Number of channels the network takes (grayscale: 1).
+        resize: How the aspect ratio is handled ("stretch": not kept).
+        interpolation: Resampling filter ("bilinear", antialiased when downscaling).
+        value_range: Range of the float32 input values.
+        normalization: What the network does to its input before the first convolution.
+    """
+
+    size: int = 192
+    channels: int = 1
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    normalization: str = "per-image standardization inside the network"
+
+    def __post_init__(self) -> None:
+        if self.size < MIN_SIDE:
+            raise ValueError(f"preprocess size must be >= {MIN_SIDE}, got {self.size}")
+        if self.channels != 1:
+            raise ValueError(f"only 1-channel (grayscale) input is supported, got {self.channels}")
+        if self.resize != "stretch" or self.interpolation != "bilinear":
+            raise ValueError(
+                f"unsupported resize/interpolation {self.resize!r}/{self.interpolation!r}; "
+                "expected 'stretch'/'bilinear'"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one preprocessed image: (channels, size, size)."""
+        return (self.channels, self.size, self.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["value_range"] = list(self.value_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        """Rebuild a spec saved by :meth:`to_dict`; unknown keys are an error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}")
+        kw = dict(d)
+        if "value_range" in kw:
+            kw["value_range"] = tuple(kw["value_range"])
+        return cls(**kw)
+
+
+def sniff_format(data: bytes) -> str:
+    """Recognise the image format from its first bytes.
+
+    Returns:
+        One of ``SUPPORTED_FORMATS``.
+
+    Raises:
+        EmptyImageError: ``data`` is empty.
+        UnsupportedFormatError: anything that is not JPEG, PNG or DICOM.
+    """
+    if not data:
+        raise EmptyImageError("the uploaded file is empty; send a JPEG, PNG or DICOM image")
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC:
+        return "dicom"
+    for magic, name in _OTHER_FORMATS:
+        if data.startswith(magic):
+            raise UnsupportedFormatError(
+                f"{name} images are not supported; send a JPEG, PNG or DICOM image"
+            )
+    raise UnsupportedFormatError(
+        "the file is not a recognised image (checked its first bytes); "
+        "send a JPEG, PNG or DICOM image"
+    )
+
+
+def _check_dimensions(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise DecompressionBombError(
+            f"image is {width}x{height} pixels, over the limit of {MAX_PIXELS:,} pixels; "
+            "downscale it before uploading"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageTooSmallError(
+            f"image is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed"
+        )
+
+
+def _pil_to_gray(img: Image.Image) -> np.ndarray:
+    """Convert a decoded Pillow image to float32 grayscale in [0, 1]."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode == "I":  # 16-bit PNGs decode to 32-bit 'I' holding 0..65535
+        arr = np.asarray(img, dtype=np.float32)
+        return np.clip(arr, 0.0, 65535.0) / 65535.0
+    if img.mode == "F":
+        raise UnsupportedFormatError("floating-point images are not supported")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent areas become black, as a viewer on a dark background shows them.
+        base = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(base, img.convert("RGBA"))
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _decode_pillow(data: bytes, fmt: str, draft_size: int | None) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+            _check_dimensions(*img.size)
+            if fmt == "jpeg" and draft_size is not None and img.mode in ("RGB", "L"):
+                # Decode large JPEGs at a reduced DCT scale; Pillow keeps both sides >= size.
+                img.draft("L", (draft_size, draft_size))
+            img.load()
+            if fmt == "jpeg":
+                img = ImageOps.exif_transpose(img)
+            return _pil_to_gray(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DecompressionBombError(
+            f"image is over the limit of {MAX_PIXELS:,} pixels; downscale it before uploading"
+        ) from None
+    except Exception:
+        raise UndecodableImageError(
+            f"the {fmt.upper()} data could not be decoded (truncated or corrupt); "
+            "re-export the image and try again"
+        ) from None
+
+
+def _decode_dicom(data: bytes) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception:
+        raise UndecodableImageError(
+            "the DICOM file could not be parsed (truncated or corrupt)"
+        ) from None
+    if "PixelData" not in ds:
+        raise UndecodableImageError("the DICOM file holds no pixel data (no PixelData element)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_dimensions(cols, rows)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * cols * frames > MAX_PIXELS:
+        raise DecompressionBombError(
+            f"DICOM holds {frames} frames of {cols}x{rows}, over the limit of {MAX_PIXELS:,} pixels"
+        )
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        pixels = ds.pixel_array
+    except Exception:
+        if tsyntax is not None and tsyntax.is_compressed:
+            raise UnsupportedTransferSyntaxError(
+                f"DICOM transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded here; "
+                "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
+            ) from None
+        raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
+    try:
+        if frames > 1:
+            pixels = pixels[0]
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if pixels.ndim == 3:  # colour DICOM: luma, as Pillow's 'L' conversion does
+            rgb = pixels.astype(np.float32)
+            arr = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        else:
+            arr = apply_modality_lut(pixels, ds)
+            arr = apply_voi_lut(arr, ds)
+            arr = np.asarray(arr, dtype=np.float32)
+    except Exception:
+        raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr, dtype=np.float32)
+    if photometric == "MONOCHROME1":  # 0 is white in MONOCHROME1
+        arr = 1.0 - arr
+    return arr.astype(np.float32)
+
+
+def decode_gray(data: bytes, draft_size: int | None = None) -> np.ndarray:
+    """Decode image bytes to a 2-D float32 grayscale array in [0, 1] at full resolution.
+
+    Args:
+        data: The encoded file.
+        draft_size: If given, JPEGs at least twice this size may be decoded at a reduced
+            scale (never below ``draft_size`` on either side).
+
+    Raises:
+        ImageError: a subclass naming what is wrong (empty, unsupported, undecodable,
+            too small, decompression bomb).
+    """
+    fmt = sniff_format(data)
+    gray = _decode_dicom(data) if fmt == "dicom" else _decode_pillow(data, fmt, draft_size)
+    if gray.ndim != 2:
+        raise UndecodableImageError(f"decoded image has unexpected shape {gray.shape}")
+    _check_dimensions(gray.shape[1], gray.shape[0])
+    return gray
+
+
+def resize_gray(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Stretch a [0, 1] grayscale array to the model's input shape (C, H, W), float32."""
+    img = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32), mode="F")
+    img = img.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    out = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+    return out[None, :, :]
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Turn encoded image bytes into one model input of shape ``spec.input_shape``."""
+    return resize_gray(decode_gray(data, draft_size=spec.size), spec)
+
+
+def check_model_input(batch: np.ndarray, spec: PreprocessSpec) -> None:
+    """Refuse arrays that break the input contract (shape, dtype, finite values in range)."""
+    if batch.dtype != np.float32:
+        raise ValueError(f"model input must be float32, got {batch.dtype}")
+    if batch.ndim != 4 or batch.shape[1:] != spec.input_shape:
+        raise ValueError(f"model input must be (N, {', '.join(map(str, spec.input_shape))}), got {batch.shape}")
+    lo, hi = spec.value_range
+    if batch.size and (not np.isfinite(batch).all() or batch.min() < lo or batch.max() > hi):
+        raise ValueError(f"model input values must be finite and within [{lo}, {hi}]")
