@@ -72,11 +72,12 @@ def confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
     }
 
 
-def _ratio(a: float, b: float) -> float:
-    return float(a / b) if b else float("nan")
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None (JSON null) when the denominator is empty."""
+    return float(a / b) if b else None
 
 
-def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
     """Accuracy, sensitivity, specificity, PPV, NPV and F1 at one threshold."""
     c = confusion(y, p, threshold)
     tp, tn, fp, fn = c["tp"], c["tn"], c["fp"], c["fn"]
@@ -87,7 +88,7 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[st
         "specificity": _ratio(tn, tn + fp),
         "ppv": ppv,
         "npv": _ratio(tn, tn + fn),
-        "f1": _ratio(2 * ppv * sens, ppv + sens) if tp else 0.0,
+        "f1": _ratio(2 * ppv * sens, ppv + sens) if tp and ppv and sens else 0.0,
     }
 
 

@@ -108,7 +108,7 @@ def train_member(
             loss.backward()
             opt.step()
             step += 1
-            running += float(loss)
+            running += float(loss.detach())
             if bar is not None:
                 bar.set_postfix(loss=f"{running / (b + 1):.4f}")
         if bar is not None:
