@@ -25,8 +25,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load_predictor(path: Path | None):  # noqa: ANN202 - keeps onnxruntime out of --help
-    from pneumonia.config import default_model_path
-    from pneumonia.predictor import Predictor
+    from pneumonia.predictor import Predictor, default_model_path
 
     return Predictor(path or default_model_path())
 
@@ -193,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     _setup_logging(a.verbose)
     if a.command == "card" and a.model is None:
-        from pneumonia.config import default_model_path
+        from pneumonia.predictor import default_model_path
 
         a.model = default_model_path()
     from pneumonia.data import DatasetLayoutError

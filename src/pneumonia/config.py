@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pneumonia.augment import AugmentConfig
 from pneumonia.model import ModelConfig
+
+# The model paths live in the torch-free predictor module so the service can resolve them
+# without importing training code; re-exported here for every command.
+from pneumonia.predictor import MODEL_PATH_ENV, default_model_path, shipped_model_path
 from pneumonia.preprocess import PreprocessSpec
 
-#: Environment variable naming the exported model every command and the service use.
-MODEL_PATH_ENV = "MODEL_PATH"
-
-
-def shipped_model_path() -> Path:
-    """The model committed under ``artifacts/`` and installed with the package."""
-    return Path(str(resources.files("pneumonia.artifacts").joinpath("model.onnx")))
-
-
-def default_model_path() -> Path:
-    """``$MODEL_PATH`` if set, else the shipped model."""
-    env = os.environ.get(MODEL_PATH_ENV)
-    return Path(env) if env else shipped_model_path()
+__all__ = ["MODEL_PATH_ENV", "TrainConfig", "default_model_path", "shipped_model_path"]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,21 @@ log = logging.getLogger(__name__)
 CARD_METADATA_KEY = "model_card"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logit", "cam")
+
+
+#: Environment variable naming the exported model every command and the service use.
+MODEL_PATH_ENV = "MODEL_PATH"
+
+
+def shipped_model_path() -> Path:
+    """The model committed under ``artifacts/`` and installed with the package."""
+    return Path(str(resources.files("pneumonia.artifacts").joinpath("model.onnx")))
+
+
+def default_model_path() -> Path:
+    """``$MODEL_PATH`` if set, else the shipped model."""
+    env = os.environ.get(MODEL_PATH_ENV)
+    return Path(env) if env else shipped_model_path()
 
 
 class ModelLoadError(RuntimeError):

@@ -1,0 +1,1 @@
+"""The shipped model (model.onnx with its card), installed as package data."""
