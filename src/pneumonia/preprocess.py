@@ -112,8 +112,8 @@ class PreprocessSpec:
     normalization: str = "per-image standardization inside the network"
 
     def __post_init__(self) -> None:
-        if self.size < MIN_SIDE:
-            raise ValueError(f"preprocess size must be >= {MIN_SIDE}, got {self.size}")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < MIN_SIDE:
+            raise ValueError(f"preprocess size must be an integer >= {MIN_SIDE}, got {self.size!r}")
         if self.channels != 1:
             raise ValueError(f"only 1-channel (grayscale) input is supported, got {self.channels}")
         if self.resize != "stretch" or self.interpolation != "bilinear":
@@ -121,6 +121,9 @@ class PreprocessSpec:
                 f"unsupported resize/interpolation {self.resize!r}/{self.interpolation!r}; "
                 "expected 'stretch'/'bilinear'"
             )
+        if tuple(self.value_range) != (0.0, 1.0):
+            # decode_gray always scales to [0, 1]; another range would be a second contract.
+            raise ValueError(f"value_range must be (0.0, 1.0), got {self.value_range!r}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -138,7 +141,9 @@ class PreprocessSpec:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(
+                f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}"
+            )
         kw = dict(d)
         if "value_range" in kw:
             kw["value_range"] = tuple(kw["value_range"])
@@ -210,7 +215,7 @@ def _decode_pillow(data: bytes, fmt: str, draft_size: int | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+            img: Image.Image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
             _check_dimensions(*img.size)
             if fmt == "jpeg" and draft_size is not None and img.mode in ("RGB", "L"):
                 # Decode large JPEGs at a reduced DCT scale; Pillow keeps both sides >= size.
@@ -230,6 +235,16 @@ def _decode_pillow(data: bytes, fmt: str, draft_size: int | None) -> np.ndarray:
             f"the {fmt.upper()} data could not be decoded (truncated or corrupt); "
             "re-export the image and try again"
         ) from None
+
+
+def _has_decoder(tsyntax: Any) -> bool:
+    """Whether pydicom can decode this compressed transfer syntax with what is installed."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(tsyntax).is_available)
+    except NotImplementedError:  # no decoder exists for this syntax at all
+        return False
 
 
 def _decode_dicom(data: bytes) -> np.ndarray:
@@ -255,7 +270,7 @@ def _decode_dicom(data: bytes) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception:
-        if tsyntax is not None and tsyntax.is_compressed:
+        if tsyntax is not None and tsyntax.is_compressed and not _has_decoder(tsyntax):
             raise UnsupportedTransferSyntaxError(
                 f"DICOM transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded here; "
                 "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
@@ -319,7 +334,8 @@ def check_model_input(batch: np.ndarray, spec: PreprocessSpec) -> None:
     if batch.dtype != np.float32:
         raise ValueError(f"model input must be float32, got {batch.dtype}")
     if batch.ndim != 4 or batch.shape[1:] != spec.input_shape:
-        raise ValueError(f"model input must be (N, {', '.join(map(str, spec.input_shape))}), got {batch.shape}")
+        expected = ", ".join(map(str, spec.input_shape))
+        raise ValueError(f"model input must be (N, {expected}), got {batch.shape}")
     lo, hi = spec.value_range
     if batch.size and (not np.isfinite(batch).all() or batch.min() < lo or batch.max() > hi):
         raise ValueError(f"model input values must be finite and within [{lo}, {hi}]")

@@ -1,0 +1,431 @@
+"""Preprocessing: every accepted format and mode, the output contract, and every error."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from conftest import encode, jpeg_bytes, synthetic_xray
+from pneumonia.preprocess import (
+    DecompressionBombError,
+    EmptyImageError,
+    ImageError,
+    ImageTooSmallError,
+    PreprocessSpec,
+    UndecodableImageError,
+    UnsupportedFormatError,
+    UnsupportedTransferSyntaxError,
+    check_model_input,
+    decode_gray,
+    preprocess_bytes,
+    resize_gray,
+    sniff_format,
+)
+
+SPEC = PreprocessSpec(size=64)
+
+
+def gray(h: int = 60, w: int = 80, seed: int = 0) -> np.ndarray:
+    """A uint8 image with structure in both directions, so transposes and flips show."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 40 + 150 * xx / w + 50 * yy / h + rng.normal(0, 3, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def save(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def as_float(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32) / 255.0
+
+
+# --- accepted formats and modes --------------------------------------------------------
+
+
+def _palette_png(g: np.ndarray) -> bytes:
+    img = Image.fromarray(g, mode="P")
+    img.putpalette([v for i in range(256) for v in (255 - i,) * 3])  # index i -> gray 255-i
+    return save(img, "PNG")
+
+
+FORMATS = {
+    "jpeg-gray": lambda g: save(Image.fromarray(g), "JPEG", quality=95),
+    "jpeg-rgb": lambda g: save(Image.fromarray(g).convert("RGB"), "JPEG", quality=95),
+    "jpeg-progressive": lambda g: save(Image.fromarray(g), "JPEG", quality=95, progressive=True),
+    "jpeg-cmyk": lambda g: save(Image.fromarray(g).convert("CMYK"), "JPEG", quality=95),
+    "png-L": lambda g: save(Image.fromarray(g), "PNG"),
+    "png-16bit": lambda g: save(Image.fromarray(g.astype(np.uint16) * 257), "PNG"),
+    "png-RGB": lambda g: save(Image.fromarray(g).convert("RGB"), "PNG"),
+    "png-RGBA": lambda g: save(Image.fromarray(g).convert("RGBA"), "PNG"),
+    "png-LA": lambda g: save(Image.fromarray(g).convert("LA"), "PNG"),
+    "png-palette": lambda g: _palette_png(255 - g),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORMATS))
+def test_every_format_decodes_to_the_same_gray_image(kind: str) -> None:
+    g = gray()
+    data = FORMATS[kind](g)
+    decoded = decode_gray(data)
+    assert decoded.dtype == np.float32 and decoded.shape == g.shape
+    lossy = kind.startswith("jpeg")
+    assert np.abs(decoded - as_float(g)).mean() < (0.02 if lossy else 1e-6)
+    x = preprocess_bytes(data, SPEC)
+    assert x.shape == SPEC.input_shape == (1, 64, 64)
+    assert x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+def test_formats_are_sniffed_from_bytes() -> None:
+    g = gray()
+    assert sniff_format(FORMATS["jpeg-gray"](g)) == "jpeg"
+    assert sniff_format(FORMATS["png-L"](g)) == "png"
+
+
+def test_16bit_png_keeps_precision_below_8_bits() -> None:
+    a = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 13 % 256 * 256).astype(np.uint16)
+    b = a + 100  # differs only in the low byte: identical after any 8-bit step
+    da = decode_gray(save(Image.fromarray(a), "PNG"))
+    db = decode_gray(save(Image.fromarray(b), "PNG"))
+    np.testing.assert_allclose(db - da, 100 / 65535, atol=1e-6)
+    np.testing.assert_allclose(da, a / 65535, atol=1e-6)
+    assert not np.array_equal(preprocess_bytes(save(Image.fromarray(a), "PNG"), SPEC),
+                              preprocess_bytes(save(Image.fromarray(b), "PNG"), SPEC))
+
+
+def test_rgb_uses_luma() -> None:
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 0] = 255
+    np.testing.assert_allclose(decode_gray(save(Image.fromarray(red), "PNG")), 0.299, atol=0.005)
+
+
+def test_transparent_pixels_become_black() -> None:
+    rgba = np.full((40, 40, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :20, 3] = 0
+    out = decode_gray(save(Image.fromarray(rgba, mode="RGBA"), "PNG"))
+    np.testing.assert_allclose(out[:, :20], 0.0)
+    np.testing.assert_allclose(out[:, 20:], 200 / 255, atol=1e-6)
+
+
+def test_exif_orientation_is_applied() -> None:
+    g = gray(60, 100)
+    img = Image.fromarray(g)
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored sideways: display rotates 90 degrees clockwise
+    out = decode_gray(save(img, "JPEG", quality=95, exif=exif.tobytes()))
+    expected = np.rot90(g, k=-1)
+    assert out.shape == expected.shape == (100, 60)
+    assert np.abs(out - as_float(expected)).mean() < 0.02
+
+
+def _large_original(w: int = 2000, h: int = 1600) -> np.ndarray:
+    small = Image.fromarray(synthetic_xray(1, seed=3, size=256))
+    return np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
+
+
+def test_large_jpeg_draft_decode_matches_full_decode() -> None:
+    spec = PreprocessSpec()
+    data = encode(_large_original(), "JPEG", quality=90)
+    drafted = decode_gray(data, draft_size=spec.size)
+    assert drafted.shape == (200, 250)  # the reduced-scale path was taken (1/8)
+    full = decode_gray(data)
+    assert full.shape == (1600, 2000)
+    fast = preprocess_bytes(data, spec)
+    slow = resize_gray(full, spec)
+    assert fast.shape == slow.shape == spec.input_shape
+    assert fast.dtype == np.float32
+    assert np.abs(fast - slow).mean() < 0.02
+
+
+def test_original_and_its_224_copy_give_the_same_input() -> None:
+    """A 2000x1600 original and the 224x224 RGB JPEG copy made from it (as the training data
+    was) must become nearly the same model input."""
+    spec = PreprocessSpec()
+    orig = _large_original()
+    copy = Image.fromarray(orig).resize((224, 224), Image.Resampling.BILINEAR).convert("RGB")
+    a = preprocess_bytes(encode(orig, "JPEG", quality=90), spec)
+    b = preprocess_bytes(save(copy, "JPEG", quality=75), spec)
+    assert a.shape == b.shape == spec.input_shape
+    assert np.abs(a - b).mean() < 0.02
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_empty_file() -> None:
+    with pytest.raises(EmptyImageError) as e:
+        preprocess_bytes(b"", SPEC)
+    assert (e.value.code, e.value.status) == ("empty_file", 400)
+
+
+def test_text_file_is_unsupported() -> None:
+    with pytest.raises(UnsupportedFormatError) as e:
+        preprocess_bytes(b"hello, this is not an image\n" * 10, SPEC)
+    assert (e.value.code, e.value.status) == ("unsupported_format", 415)
+    assert "JPEG, PNG or DICOM" in e.value.message
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_other_image_formats_are_named(fmt: str) -> None:
+    data = save(Image.fromarray(gray()), fmt)
+    with pytest.raises(UnsupportedFormatError, match=fmt):
+        preprocess_bytes(data, SPEC)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file_is_undecodable(fmt: str) -> None:
+    data = save(Image.fromarray(gray(200, 200)), fmt)
+    with pytest.raises(UndecodableImageError) as e:
+        preprocess_bytes(data[: len(data) // 2], SPEC)
+    assert (e.value.code, e.value.status) == ("undecodable_image", 422)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_tiny_image_is_refused(fmt: str) -> None:
+    with pytest.raises(ImageTooSmallError, match="16x16"):
+        preprocess_bytes(save(Image.fromarray(gray(16, 16)), fmt), SPEC)
+
+
+def _png_of_zeros(width: int, height: int, palette: bool) -> bytes:
+    """A valid 1-bit PNG of ``width x height`` that compresses to a few kilobytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    color_type = 3 if palette else 0
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, color_type, 0, 0, 0)
+    row = b"\x00" * (1 + (width + 7) // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    plte = chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") if palette else b""
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte
+    return head + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("side", "palette"),
+    [(20_000, False), (20_000, True), (9_000, False)],  # over Pillow's own limit / over ours
+)
+def test_decompression_bomb_is_refused_before_decoding(
+    side: int, palette: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _png_of_zeros(side, side, palette)
+    assert len(data) < 200_000
+
+    def no_load(self: Any) -> None:
+        raise AssertionError("the pixels of a decompression bomb were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    with pytest.raises(DecompressionBombError) as e:
+        preprocess_bytes(data, SPEC)
+    assert (e.value.code, e.value.status) == ("decompression_bomb", 422)
+
+
+def test_image_errors_are_value_errors_with_a_message() -> None:
+    with pytest.raises(ValueError) as e:
+        preprocess_bytes(b"", SPEC)
+    assert isinstance(e.value, ImageError) and e.value.message == str(e.value)
+
+
+# --- DICOM ---------------------------------------------------------------------------------
+
+
+def dicom_bytes(
+    pixels: np.ndarray | None,
+    photometric: str = "MONOCHROME2",
+    transfer_syntax: str | None = None,
+    encapsulated: bytes | None = None,
+    **attrs: Any,
+) -> bytes:
+    """A minimal CR DICOM file holding 12-bit ``pixels`` (or no PixelData if None)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID(transfer_syntax) if transfer_syntax else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    shape = pixels.shape if pixels is not None else (64, 64)
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    if encapsulated is not None:
+        ds.PixelData = encapsulate([encapsulated])
+        ds["PixelData"].VR = "OB"
+    elif pixels is not None:
+        ds.PixelData = pixels.astype("<u2").tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+#: 48x64 horizontal ramp of stored values 0, 64, ..., 4032.
+RAMP = np.tile(np.arange(64, dtype=np.uint16) * 64, (48, 1))
+
+
+def test_dicom_monochrome2_is_scaled_to_unit_range() -> None:
+    data = dicom_bytes(RAMP)
+    assert sniff_format(data) == "dicom"
+    out = decode_gray(data)
+    np.testing.assert_allclose(out, RAMP / RAMP.max(), atol=1e-6)
+    assert preprocess_bytes(data, SPEC).shape == SPEC.input_shape
+
+
+def test_dicom_monochrome1_is_inverted() -> None:
+    m2 = decode_gray(dicom_bytes(RAMP, "MONOCHROME2"))
+    m1 = decode_gray(dicom_bytes(RAMP, "MONOCHROME1"))
+    np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+
+
+def test_dicom_window_is_applied() -> None:
+    out = decode_gray(dicom_bytes(RAMP, WindowCenter=1000, WindowWidth=200))[0]
+    values = RAMP[0]
+    assert (out[values < 900] == 0).all() and (out[values > 1100] == 1).all()
+    inside = (values > 900) & (values < 1100)
+    assert inside.any() and ((out[inside] > 0) & (out[inside] < 1)).all()
+
+
+def test_dicom_rescale_comes_before_the_window() -> None:
+    # Stored v -> 2v - 1000; the window 0 +- 50 is in rescaled units: stored 475..525.
+    out = decode_gray(
+        dicom_bytes(RAMP, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=100)
+    )[0]
+    values = RAMP[0]
+    assert (out[values <= 448] == 0).all() and (out[values >= 576] == 1).all()
+    assert 0 < out[values == 512][0] < 1
+
+
+def test_rle_compressed_dicom_decodes_like_uncompressed() -> None:
+    from pydicom import dcmread
+    from pydicom.uid import RLELossless
+
+    ds = dcmread(io.BytesIO(dicom_bytes(RAMP)))
+    ds.compress(RLELossless)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    np.testing.assert_allclose(decode_gray(buf.getvalue()), decode_gray(dicom_bytes(RAMP)))
+
+
+def test_dicom_without_pixel_data() -> None:
+    with pytest.raises(UndecodableImageError, match="no pixel data"):
+        decode_gray(dicom_bytes(None))
+
+
+def test_tiny_dicom_is_refused() -> None:
+    with pytest.raises(ImageTooSmallError):
+        decode_gray(dicom_bytes(np.zeros((16, 16), np.uint16)))
+
+
+def test_dicom_compressed_without_decoder_is_unsupported_transfer_syntax() -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    data = dicom_bytes(RAMP, transfer_syntax=JPEGLSLossless, encapsulated=b"\x00" * 64)
+    with pytest.raises(UnsupportedTransferSyntaxError, match="JPEG-LS") as e:
+        decode_gray(data)
+    assert (e.value.code, e.value.status) == ("unsupported_transfer_syntax", 415)
+
+
+def test_corrupt_data_in_a_decodable_syntax_is_undecodable() -> None:
+    """Regression: corrupt RLE pixel data was reported as an unsupported transfer syntax,
+    telling the user to change a format that the service does decode."""
+    from pydicom.uid import RLELossless
+
+    data = dicom_bytes(RAMP, transfer_syntax=RLELossless, encapsulated=b"\x00" * 64)
+    with pytest.raises(UndecodableImageError):
+        decode_gray(data)
+
+
+def test_truncated_dicom_is_undecodable() -> None:
+    data = dicom_bytes(RAMP)
+    with pytest.raises(UndecodableImageError):
+        decode_gray(data[: len(data) - 2000])
+
+
+# --- the input contract and the spec ------------------------------------------------------
+
+
+def test_check_model_input_accepts_preprocessed_batches() -> None:
+    batch = np.stack([preprocess_bytes(jpeg_bytes(1, s), SPEC) for s in range(2)])
+    check_model_input(batch, SPEC)
+    check_model_input(np.zeros((0, *SPEC.input_shape), np.float32), SPEC)
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        (np.zeros((2, 1, 64, 64), np.float64), "float32"),
+        (np.zeros((2, 1, 64, 64), np.uint8), "float32"),
+        (np.zeros((1, 64, 64), np.float32), "shape|\\(N"),
+        (np.zeros((2, 3, 64, 64), np.float32), "\\(N"),
+        (np.zeros((2, 1, 32, 32), np.float32), "\\(N"),
+        (np.full((2, 1, 64, 64), 1.5, np.float32), "within"),
+        (np.full((2, 1, 64, 64), -0.1, np.float32), "within"),
+        (np.full((2, 1, 64, 64), np.nan, np.float32), "finite"),
+        (np.full((2, 1, 64, 64), np.inf, np.float32), "finite"),
+    ],
+)
+def test_check_model_input_refuses_contract_breaks(batch: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_model_input(batch, SPEC)
+
+
+def test_one_nan_among_valid_values_is_refused() -> None:
+    batch = np.full((2, 1, 64, 64), 0.5, np.float32)
+    batch[1, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        check_model_input(batch, SPEC)
+
+
+def test_spec_round_trips_through_json() -> None:
+    spec = PreprocessSpec(size=128)
+    again = PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+    assert again.input_shape == (1, 128, 128)
+
+
+def test_spec_refuses_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="mean"):
+        PreprocessSpec.from_dict({**PreprocessSpec().to_dict(), "mean": 0.5})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"size": 16},
+        {"size": "192"},
+        {"size": 192.0},
+        {"size": True},
+        {"channels": 3},
+        {"resize": "crop"},
+        {"interpolation": "nearest"},
+        {"value_range": [0, 255]},
+    ],
+)
+def test_spec_refuses_bad_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        PreprocessSpec.from_dict({**PreprocessSpec().to_dict(), **bad})
