@@ -52,7 +52,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.no_augment:
         cfg = replace(cfg, augment=replace(cfg.augment, enabled=False))
     record = train(cfg, a.data, a.out, progress=not a.no_progress)
-    print(json.dumps({"run_dir": str(a.out), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"]}))
+    summary = {
+        "run_dir": str(a.out),
+        **record["validation"],
+        "threshold": record["threshold"],
+        "temperature": record["temperature"],
+        "skipped": len(record["data"]["skipped"]),
+    }
+    print(json.dumps(summary))
     return 0
 
 

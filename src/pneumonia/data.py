@@ -67,7 +67,9 @@ def patient_id(filename: str) -> str:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    )
 
 
 def list_split(folder: Path) -> list[Sample]:
@@ -78,7 +80,9 @@ def list_split(folder: Path) -> list[Sample]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetLayoutError(f"{folder} is not a folder; expected a folder holding NORMAL/ and PNEUMONIA/")
+        raise DatasetLayoutError(
+            f"{folder} is not a folder; expected a folder holding NORMAL/ and PNEUMONIA/"
+        )
     samples: list[Sample] = []
     for label, name in enumerate(LABELS):
         cls_dir = folder / name
@@ -101,9 +105,15 @@ def resolve_split(root: Path, split: str) -> Path:
     """The folder of ``split`` under a Kaggle-layout root, or ``root`` itself if it is one split.
 
     Raises:
-        DatasetLayoutError: neither ``root/split/`` nor ``root/NORMAL/`` exists.
+        DatasetLayoutError: ``root`` is not a folder, or holds neither ``split/`` nor a
+            class folder.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(
+            f"{root} is not a folder (or does not exist); expected the Kaggle layout "
+            f"ROOT/{{train,test}}/{{NORMAL,PNEUMONIA}}/ or a split folder DIR/{{NORMAL,PNEUMONIA}}/"
+        )
     if (root / split).is_dir():
         return root / split
     if (root / LABELS[0]).is_dir() or (root / LABELS[1]).is_dir():
@@ -131,7 +141,9 @@ def grouped_split(
     rng = np.random.default_rng(seed)
     val_patients: set[str] = set()
     for label in range(len(LABELS)):
-        pats = sorted(p for p, ss in groups.items() if round(np.mean([s.label for s in ss])) == label)
+        pats = sorted(
+            p for p, ss in groups.items() if round(np.mean([s.label for s in ss])) == label
+        )
         n_images = sum(len(groups[p]) for p in pats)
         target = val_fraction * n_images
         taken = 0
