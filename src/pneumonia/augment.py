@@ -39,7 +39,8 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -55,8 +56,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     y = x.reshape(1, n * c, h, w)
     kw = k.repeat_interleave(c, 0)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), kw[:, None, None, :], groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), kw[:, None, :, None], groups=n * c)
+    y = F.pad(y, (radius, radius, 0, 0), mode="replicate")
+    y = F.conv2d(y, kw[:, None, None, :], groups=n * c)
+    y = F.pad(y, (0, 0, radius, radius), mode="replicate")
+    y = F.conv2d(y, kw[:, None, :, None], groups=n * c)
     return y.reshape(n, c, h, w)
 
 
