@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,15 @@ import torch
 from pneumonia.augment import AugmentConfig, augment_batch
 
 ALWAYS = AugmentConfig(blur_prob=1.0, noise_prob=1.0, lowres_prob=1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is faster and does not fight a training run for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def batch(n: int = 8, size: int = 64, seed: int = 0) -> torch.Tensor:

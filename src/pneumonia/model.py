@@ -8,7 +8,7 @@ without gradients: ``logit == cam.mean((1, 2))``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ class LogisticBaseline(nn.Module):
         return cam.mean(dim=(1, 2)), cam
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> PneumoniaCNN | LogisticBaseline:
     return PneumoniaCNN(cfg) if cfg.arch == "cnn" else LogisticBaseline(cfg)
 
 
@@ -128,5 +128,7 @@ class EnsembleForExport(nn.Module):
         self.nets = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = zip(*(m.cam(x) for m in self.nets), strict=True)
+        # Members are networks from build_model; ModuleList only knows them as Module.
+        members = cast(list[PneumoniaCNN | LogisticBaseline], list(self.nets))
+        logits, cams = zip(*(m.cam(x) for m in members), strict=True)
         return torch.stack(logits).mean(0), torch.stack(cams).mean(0)

@@ -146,7 +146,7 @@ def train_member(
             stale += 1
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         if stale >= cfg.patience:
-            log.info("seed %d: early stop after epoch %d (best %d)", seed, epoch, best.epoch if best else 0)
+            log.info("seed %d: early stop after epoch %d (best %d)", seed, epoch, best.best_epoch if best else 0)
             break
     assert best is not None
     return best
@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
     val_d = load_images(val_s, cfg.preprocess, progress=progress)
     if len(set(val_d.y.tolist())) < 2 or len(set(train_d.y.tolist())) < 2:
         raise ValueError("both the training and validation splits need images of both classes")
-    data_summary = {
+    data_summary: dict[str, Any] = {
         "data_root": str(data_root),
         "train": class_counts(train_d.y),
         "validation": class_counts(val_d.y),
