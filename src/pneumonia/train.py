@@ -146,7 +146,8 @@ def train_member(
             stale += 1
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         if stale >= cfg.patience:
-            log.info("seed %d: early stop after epoch %d (best %d)", seed, epoch, best.best_epoch if best else 0)
+            best_epoch = best.best_epoch if best else 0
+            log.info("seed %d: early stop after epoch %d (best %d)", seed, epoch, best_epoch)
             break
     assert best is not None
     return best
