@@ -110,3 +110,16 @@ def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     img.write_bytes(jpeg_bytes())
     assert main(["predict", str(img), "--model", str(tmp_path / "nope.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_calibrate_refits_threshold_without_training(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = json.loads((run / "calibration.json").read_text())
+    assert main(["calibrate", str(run), "--threshold-rule", "youden"]) == 0
+    after = json.loads((run / "calibration.json").read_text())
+    assert after["threshold_rule"] == "youden"
+    assert after["temperature"] == pytest.approx(before["temperature"])  # same checkpoints, same split
+    assert after["validation"]["n"] == before["validation"]["n"]

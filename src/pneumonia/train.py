@@ -199,7 +199,24 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
     log.info("train %s, validation %s, skipped %d", data_summary["train"], data_summary["validation"], len(data_summary["skipped"]))
 
     results = [train_member(cfg, seed, train_d, val_d, out / f"member-{seed}", progress) for seed in cfg.seeds]
+    members = [
+        {"seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "val_loss": r.val_loss}
+        for r in results
+    ]
     logits = np.mean([r.val_logits for r in results], axis=0)
+    summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
+    return _write_calibration(cfg, out, val_d, logits, members, summary)
+
+
+def _write_calibration(
+    cfg: TrainConfig,
+    out: Path,
+    val_d: LoadedImages,
+    logits: np.ndarray,
+    members: list[dict[str, Any]],
+    data_summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Fit the temperature and pick the threshold on validation; write calibration.json."""
     temperature = fit_temperature(logits, val_d.y)
     prob = calibrated_probability(logits, temperature)
     threshold = choose_threshold(val_d.y, prob, cfg.threshold_rule, cfg.min_sensitivity)
@@ -217,11 +234,8 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
             "ece": expected_calibration_error(val_d.y, prob),
             **threshold_metrics(val_d.y, prob, threshold),
         },
-        "members": [
-            {"seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "val_loss": r.val_loss}
-            for r in results
-        ],
-        "data": {k: v for k, v in data_summary.items() if k != "validation_patients"},
+        "members": members,
+        "data": data_summary,
     }
     (out / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
     with (out / "val_predictions.csv").open("w", newline="") as f:
@@ -231,3 +245,35 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
             w.writerow([str(s.path), int(lab), f"{z:.6f}", f"{p:.6f}"])
     log.info("validation: %s", json.dumps(record["validation"]))
     return record
+
+
+def calibrate_run(run_dir: Path, data_root: Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Redo calibration and threshold choice of a run from its checkpoints, without training.
+
+    Rebuilds the same patient-grouped validation split from the saved config (e.g. to apply
+    another threshold rule, or to finish a run that stopped after its members were trained).
+
+    Args:
+        run_dir: A training run folder.
+        data_root: The training data; default: the path recorded in ``data.json``.
+        **overrides: TrainConfig fields to change, e.g. ``min_sensitivity=0.97``.
+    """
+    cfg = TrainConfig.load(run_dir / "config.json").with_overrides(**overrides)
+    data_summary = json.loads((run_dir / "data.json").read_text())
+    root = Path(data_root or data_summary["data_root"])
+    samples = list_split(resolve_split(root, "train"))
+    if cfg.max_images is not None and len(samples) > cfg.max_images:
+        rng = np.random.default_rng(cfg.split_seed)
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), cfg.max_images, replace=False))]
+    _, val_s = grouped_split(samples, cfg.val_fraction, cfg.split_seed)
+    val_d = load_images(val_s, cfg.preprocess)
+    members, all_logits = [], []
+    for d in member_dirs(run_dir):
+        ckpt = torch.load(d / CHECKPOINT, map_location="cpu", weights_only=True)
+        rows = {r["epoch"]: r for r in json.loads((d / "history.json").read_text())}
+        best = rows.get(ckpt["epoch"], {})
+        members.append({"seed": ckpt["seed"], "best_epoch": ckpt["epoch"], "val_auc": best.get("val_auc"), "val_loss": best.get("val_loss")})
+        all_logits.append(predict_logits(load_member(d / CHECKPOINT), val_d.x))
+    cfg.save(run_dir / "config.json")
+    summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
+    return _write_calibration(cfg, run_dir, val_d, np.mean(all_logits, axis=0), members, summary)
