@@ -63,6 +63,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from pneumonia.train import calibrate_run
+
+    record = calibrate_run(a.run_dir, a.data, threshold_rule=a.threshold_rule, min_sensitivity=a.min_sensitivity)
+    print(json.dumps({"run_dir": str(a.run_dir), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"]}))
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from pneumonia.export import export_run
 
@@ -162,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("calibrate", help="redo calibration and threshold choice of a run from its checkpoints")
+    k.add_argument("run_dir", type=Path)
+    k.add_argument("--data", type=Path, help="training data root (default: the one recorded in the run)")
+    k.add_argument("--threshold-rule", choices=["min_sensitivity", "youden"])
+    k.add_argument("--min-sensitivity", type=float)
+    k.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("export", help="export a run folder to ONNX with its model card")
     e.add_argument("run_dir", type=Path)
