@@ -429,3 +429,11 @@ def test_spec_refuses_unknown_keys() -> None:
 def test_spec_refuses_bad_values(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PreprocessSpec.from_dict({**PreprocessSpec().to_dict(), **bad})
+
+
+def test_spec_missing_key_is_an_error_not_a_default() -> None:
+    """Guards against silently filling a model file's missing preprocessing with defaults."""
+    d = PreprocessSpec().to_dict()
+    del d["size"]
+    with pytest.raises(ValueError, match="lacks \\['size'\\]"):
+        PreprocessSpec.from_dict(d)

@@ -137,12 +137,16 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        """Rebuild a spec saved by :meth:`to_dict`; unknown keys are an error."""
+        """Rebuild a spec saved by :meth:`to_dict`; unknown or missing keys are an error.
+
+        A model file must state its whole preprocessing: no silent defaults.
+        """
         known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
+        unknown, missing = set(d) - known, known - set(d)
+        if unknown or missing:
             raise ValueError(
-                f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}"
+                f"preprocessing spec has unknown keys {sorted(unknown)} and lacks {sorted(missing)}; "
+                f"expected exactly {sorted(known)}"
             )
         kw = dict(d)
         if "value_range" in kw:
