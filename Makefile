@@ -1,0 +1,59 @@
+# The two commands of the README, and the ones around them.
+#   make serve   create .venv, install the serving dependencies only, serve the shipped model on :8000
+#   make test    create .venv, install everything the tests need, run lint, types and the whole suite
+# Every target creates .venv with `$(PYTHON) -m venv` when it is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extras the test suite needs; `ray` is the optional distributed scorer (tests skip it when absent).
+TEST_EXTRAS ?= train,dev,ray
+PIP := $(BIN)/python -m pip
+
+# `make train DATA=...`, `make evaluate DATA=...`: a Kaggle-layout folder (train/ and test/ inside).
+DATA ?= ../shared/data/chest_xray
+RUN ?= runs/cnn
+MODEL ?= $(RUN)/model.onnx
+EVAL ?= $(RUN)/eval
+
+.PHONY: serve test lint venv install-serve install-test train export evaluate bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+venv: $(BIN)/python
+
+install-serve: $(BIN)/python
+	$(PIP) install .
+
+install-test: $(BIN)/python
+	$(PIP) install -e '.[$(TEST_EXTRAS)]'
+
+serve: install-serve
+	$(BIN)/pneumonia serve
+
+lint: $(BIN)/python
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test: install-test lint
+	$(BIN)/python -m pytest
+
+train: install-test
+	$(BIN)/pneumonia train --data $(DATA) --out $(RUN)
+
+export: install-test
+	$(BIN)/pneumonia export $(RUN) --out $(MODEL)
+
+evaluate: install-test
+	$(BIN)/pneumonia evaluate --model $(MODEL) --data $(DATA) --json $(EVAL)/test.json \
+		--markdown $(EVAL)/test.md --plots $(EVAL)/plots --run-dir $(RUN)
+
+# Speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md).
+bench: install-test
+	bash benchmarks/setup_original.sh
+	$(BIN)/python benchmarks/bench_serve.py --json runs/bench_serve.json
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
