@@ -150,6 +150,22 @@ def cmd_card(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pneumonia.serve.settings import Settings, settings_error_message
+
+    flags = {"host": a.host, "port": a.port, "model_path": a.model}
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        print(f"pneumonia serve: error: {settings_error_message(exc)}", file=sys.stderr)
+        return 2
+    from pneumonia.serve.app import serve
+
+    return serve(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -206,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", type=Path, help="evaluation JSON of the baseline on the same set")
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(func=cmd_card)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the HTTP service (POST /predict, web page at /)",
+        description="Run the HTTP service. Settings come from the environment (MODEL_PATH, HOST, "
+        "PORT, API_KEY, MAX_UPLOAD_MB, ...; see docs/api.md); these flags override them.",
+    )
+    s.add_argument("--host", help="interface to listen on (default: $HOST, else 0.0.0.0)")
+    s.add_argument("--port", type=int, help="TCP port (default: $PORT, else 8000)")
+    _model_arg(s)
+    s.set_defaults(func=cmd_serve)
+
     return p
 
 

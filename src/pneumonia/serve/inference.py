@@ -1,0 +1,139 @@
+"""Inference off the event loop, with bounded concurrency and a bounded wait queue.
+
+Decoding and the model run in worker threads (onnxruntime and Pillow release the GIL), at
+most ``max_concurrency`` at once; at most ``queue_size`` more jobs wait. A request that finds
+the queue full is refused at once with 503 and ``Retry-After`` rather than piling up memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from pneumonia.heatmap import overlay_png
+from pneumonia.predictor import Prediction, Predictor
+from pneumonia.preprocess import ImageError, decode_gray, resize_gray
+from pneumonia.serve.errors import ApiError
+
+T = TypeVar("T")
+
+
+class InferenceQueue:
+    """Admission control for inference jobs.
+
+    Args:
+        max_concurrency: Jobs running at once.
+        queue_size: Jobs allowed to wait beyond those.
+        queue_timeout_s: Longest a job may wait for a slot.
+    """
+
+    def __init__(self, max_concurrency: int, queue_size: int, queue_timeout_s: float) -> None:
+        self.max_concurrency = max_concurrency
+        self.capacity = max_concurrency + queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._admitted = 0
+        self._mean_job_s = 0.5  # a prior for Retry-After until real jobs have been timed
+
+    @property
+    def admitted(self) -> int:
+        """Jobs running or waiting."""
+        return self._admitted
+
+    @property
+    def running(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    def retry_after_s(self) -> int:
+        """A rough wait before a retry can get a slot: the queue's worth of average jobs."""
+        est = self._mean_job_s * max(1, self._admitted) / self.max_concurrency
+        return int(min(60, max(1, math.ceil(est))))
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` in a worker thread once a slot is free.
+
+        Raises:
+            ApiError: 503 ``queue_full`` if the queue is full, 503 ``queue_timeout`` if no
+                slot freed up in time; both with ``Retry-After``.
+        """
+        if self._admitted >= self.capacity:
+            raise ApiError(
+                503,
+                "queue_full",
+                "the service is busy (inference queue full); retry after the time in Retry-After",
+                {"Retry-After": str(self.retry_after_s())},
+            )
+        self._admitted += 1
+        try:
+            try:
+                with anyio.fail_after(self.queue_timeout_s):
+                    await self._limiter.acquire()
+            except TimeoutError:
+                raise ApiError(
+                    503,
+                    "queue_timeout",
+                    f"no inference slot freed up within {self.queue_timeout_s:g} s; retry later",
+                    {"Retry-After": str(self.retry_after_s())},
+                ) from None
+            t0 = time.perf_counter()
+            try:
+                # Not cancellable once started: the slot stays taken until the thread is done,
+                # so the concurrency bound holds even when clients disconnect.
+                return await anyio.to_thread.run_sync(fn, *args)
+            finally:
+                self._limiter.release()
+                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.perf_counter() - t0)
+        finally:
+            self._admitted -= 1
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one job produced: a result or an image error per input, and where time went."""
+
+    outcomes: list[Prediction | ImageError]
+    heatmap_png: bytes | None
+    decode_s: float
+    inference_s: float
+
+
+def predict_job(predictor: Predictor, images: list[bytes], heatmap: bool = False) -> JobResult:
+    """Decode every image, classify the decodable ones in one model call.
+
+    Runs in a worker thread. Each image goes through ``predictor.preprocess`` (the path of
+    ``pneumonia predict``), so the service's scores equal the CLI's. A heatmap, if asked, is
+    drawn for the first image only.
+    """
+    t0 = time.perf_counter()
+    errors: dict[int, ImageError] = {}
+    inputs = []
+    gray = None
+    for i, data in enumerate(images):
+        try:
+            if heatmap and i == 0:
+                # Same two steps as Predictor.preprocess, keeping the decoded image to draw on.
+                gray = decode_gray(data, draft_size=predictor.spec.size)
+                inputs.append(resize_gray(gray, predictor.spec))
+            else:
+                inputs.append(predictor.preprocess(data))
+        except ImageError as exc:
+            errors[i] = exc
+    t1 = time.perf_counter()
+    preds = predictor.predict_arrays(np.stack(inputs), with_cam=heatmap) if inputs else []
+    t2 = time.perf_counter()
+    it = iter(preds)
+    outcomes: list[Prediction | ImageError] = [
+        errors[i] if i in errors else next(it) for i in range(len(images))
+    ]
+    png = None
+    first = outcomes[0] if outcomes else None
+    if gray is not None and isinstance(first, Prediction) and first.cam is not None:
+        png = overlay_png(gray, first.cam, first.label)
+    return JobResult(outcomes, png, decode_s=t1 - t0, inference_s=t2 - t1)

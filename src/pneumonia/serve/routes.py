@@ -1,0 +1,321 @@
+"""The API routes: thin. Read the upload, queue the job, shape the answer."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.responses import PlainTextResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from pneumonia.predictor import Prediction
+from pneumonia.preprocess import ImageError, sniff_format
+from pneumonia.serve.errors import ApiError
+from pneumonia.serve.inference import JobResult, predict_job
+from pneumonia.serve.schemas import (
+    BatchError,
+    BatchResponse,
+    ErrorDetail,
+    ErrorResponse,
+    HealthResponse,
+    ImageResult,
+    ModelCard,
+    PredictionResponse,
+    ReadyResponse,
+)
+from pneumonia.serve.state import Service, get_service
+from pneumonia.serve.upload import read_uploads
+
+PREDICT_FIELD = "file"
+BATCH_FIELD = "files"
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="Needed only when the service runs with API_KEY set.",
+)
+_bearer = HTTPBearer(
+    auto_error=False, description="The API key as a bearer token (alternative to X-API-Key)."
+)
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _err("`unauthorized`: API_KEY is set and the request has no or a wrong key."),
+    408: _err("`upload_timeout`: the upload took longer than UPLOAD_TIMEOUT_S."),
+    413: _err(
+        "`payload_too_large`: the request body is over MAX_UPLOAD_MB (refused while it streams in)."
+    ),
+    422: _err(
+        "`undecodable_image`, `image_too_small`, `decompression_bomb`: the image cannot be used; "
+        "`validation_error`: a bad query parameter."
+    ),
+    500: _err(
+        "`internal_error`: an unexpected failure; the message never holds details, the logs do."
+    ),
+    503: _err(
+        "`queue_full` / `queue_timeout`: too busy, retry after `Retry-After` seconds; "
+        "`not_ready`: the model is still loading."
+    ),
+}
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _err(
+        "`missing_file`: no multipart field `file`; `empty_file`: the file is empty; "
+        "`invalid_multipart`: malformed body; `too_many_files`: more than one `file`."
+    ),
+    415: _err(
+        "`unsupported_format`: not JPEG, PNG or DICOM (recognised from the bytes); "
+        "`unsupported_transfer_syntax`: a compressed DICOM this service cannot decode."
+    ),
+    **_COMMON_ERRORS,
+}
+_BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _err(
+        "`missing_file`: no multipart field `files`; `invalid_multipart`: malformed body; "
+        "`too_many_files`: more files than MAX_BATCH_FILES."
+    ),
+    **{k: v for k, v in _COMMON_ERRORS.items() if k != 422},
+    422: _err(
+        "`validation_error`: a bad query parameter. (Bad images are reported per file, with 200.)"
+    ),
+}
+
+
+def _multipart_body(field: str, many: bool) -> dict[str, Any]:
+    binary = {"type": "string", "format": "binary"}
+    prop = {"type": "array", "items": binary} if many else binary
+    what = (
+        "The chest X-rays (JPEG, PNG or DICOM), one part each."
+        if many
+        else ("The chest X-ray: JPEG, PNG or DICOM, recognised from its bytes.")
+    )
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [field],
+                        "properties": {field: {**prop, "description": what}},
+                    }
+                }
+            },
+        }
+    }
+
+
+async def require_api_key(
+    request: Request,
+    api_key: Annotated[str | None, Security(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """Check the API key when the service has one; compare in constant time."""
+    expected = get_service(request).settings.api_key
+    if expected is None:
+        return
+    given = api_key or (bearer.credentials if bearer else "")
+    if not given or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or wrong API key; send it in the X-API-Key header "
+            "or as Authorization: Bearer <key>",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+api = APIRouter()
+
+
+def _image_result(filename: str, pred: Prediction) -> dict[str, Any]:
+    # Prediction.to_dict is also what `pneumonia predict` prints: one definition of the fields.
+    return {"filename": filename, **pred.to_dict()}
+
+
+def _record(svc: Service, job: JobResult) -> None:
+    svc.metrics.observe_job(
+        job.decode_s, job.inference_s, sum(isinstance(o, Prediction) for o in job.outcomes)
+    )
+    for o in job.outcomes:
+        if isinstance(o, Prediction):
+            svc.metrics.count_prediction(o.label)
+        else:
+            svc.metrics.count_image_error(o.code)
+
+
+@api.post(
+    "/predict",
+    tags=["prediction"],
+    summary="Classify one chest X-ray",
+    response_model=PredictionResponse,
+    response_model_exclude_none=True,
+    responses=_PREDICT_ERRORS,
+    openapi_extra=_multipart_body(PREDICT_FIELD, many=False),
+    dependencies=[Depends(require_api_key)],
+)
+async def predict(
+    request: Request,
+    response: Response,
+    svc: ServiceDep,
+    heatmap: Annotated[
+        bool,
+        Query(description="Also return `heatmap_png`: where the model saw evidence for its label."),
+    ] = False,
+) -> dict[str, Any]:
+    """Upload one image in the multipart field `file`; get the label and its probability.
+
+    `curl -X POST "http://localhost:8000/predict" -F "file=@chest_xray.jpeg"`
+    """
+    (upload,) = await read_uploads(request, PREDICT_FIELD, 1, svc.settings.upload_timeout_s)
+    t0 = time.perf_counter()
+    try:
+        sniff_format(upload.data)  # empty or not an image: answer before taking a queue slot
+    except ImageError as exc:
+        svc.metrics.count_image_error(exc.code)
+        raise
+    job = await svc.queue.run(predict_job, svc.predictor, [upload.data], heatmap)
+    _record(svc, job)
+    outcome = job.outcomes[0]
+    if isinstance(outcome, ImageError):
+        raise outcome
+    response.headers["Cache-Control"] = "no-store"
+    body = {
+        **_image_result(upload.filename, outcome),
+        "model": svc.identity,
+        "processing_ms": round((time.perf_counter() - t0) * 1000, 2),
+        "request_id": request.state.request_id,
+    }
+    if job.heatmap_png is not None:
+        body["heatmap_png"] = base64.b64encode(job.heatmap_png).decode("ascii")
+    return body
+
+
+@api.post(
+    "/predict/batch",
+    tags=["prediction"],
+    summary="Classify several chest X-rays in one request",
+    response_model=BatchResponse,
+    responses=_BATCH_ERRORS,
+    openapi_extra=_multipart_body(BATCH_FIELD, many=True),
+    dependencies=[Depends(require_api_key)],
+)
+async def predict_batch(request: Request, response: Response, svc: ServiceDep) -> dict[str, Any]:
+    """Upload up to MAX_BATCH_FILES images, each a part of the multipart field `files`.
+
+    Answers 200 with one entry per file in upload order: a result, or that file's error
+    (same codes as `POST /predict`). The whole body counts against MAX_UPLOAD_MB.
+    """
+    uploads = await read_uploads(
+        request, BATCH_FIELD, svc.settings.max_batch_files, svc.settings.upload_timeout_s
+    )
+    t0 = time.perf_counter()
+    job = await svc.queue.run(predict_job, svc.predictor, [u.data for u in uploads])
+    _record(svc, job)
+    results: list[dict[str, Any]] = []
+    for up, outcome in zip(uploads, job.outcomes, strict=True):
+        if isinstance(outcome, ImageError):
+            err = ErrorDetail(code=outcome.code, message=outcome.message)
+            results.append(BatchError(filename=up.filename, error=err).model_dump())
+        else:
+            results.append(ImageResult(**_image_result(up.filename, outcome)).model_dump())
+    response.headers["Cache-Control"] = "no-store"
+    return {
+        "results": results,
+        "model": svc.identity,
+        "processing_ms": round((time.perf_counter() - t0) * 1000, 2),
+        "request_id": request.state.request_id,
+    }
+
+
+@api.get("/health", tags=["operations"], summary="Liveness", response_model=HealthResponse)
+async def health() -> dict[str, str]:
+    """200 while the process answers; never touches the model."""
+    return {"status": "ok"}
+
+
+@api.get(
+    "/ready",
+    tags=["operations"],
+    summary="Readiness",
+    response_model=ReadyResponse,
+    responses={
+        503: _err(
+            "`not_ready`: the model is loading or warming up; "
+            "`Retry-After` says when to look again."
+        )
+    },
+)
+async def ready(request: Request) -> dict[str, Any]:
+    """200 once the model is loaded and one warm-up inference has run; 503 before."""
+    svc = get_service(request)
+    if not svc.ready:
+        raise ApiError(
+            503, "not_ready", "the model is warming up; retry shortly", {"Retry-After": "1"}
+        )
+    return {"status": "ready", "model": svc.identity}
+
+
+@api.get(
+    "/metrics",
+    tags=["operations"],
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {}},
+            "description": "Prometheus text exposition format 0.0.4.",
+        }
+    },
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Requests by route and status, latency, decode and inference histograms, in-flight, queue."""
+    m = request.app.state.metrics
+    svc = getattr(request.app.state, "service", None)
+    gauges: list[tuple[str, str, tuple[tuple[str, str], ...], float]] = []
+    if isinstance(svc, Service):
+        p = svc.predictor
+        gauges = [
+            ("pneumonia_ready", "1 once the model is loaded and warmed up.", (), float(svc.ready)),
+            (
+                "pneumonia_inference_jobs",
+                "Inference jobs running or waiting.",
+                (),
+                float(svc.queue.admitted),
+            ),
+            (
+                "pneumonia_inference_running",
+                "Inference jobs running.",
+                (),
+                float(svc.queue.running),
+            ),
+            (
+                "pneumonia_inference_capacity",
+                "Most jobs running plus waiting.",
+                (),
+                float(svc.queue.capacity),
+            ),
+            (
+                "pneumonia_model_info",
+                "The model being served (value always 1).",
+                (("name", p.name), ("version", p.version), ("sha256", p.sha256)),
+                1.0,
+            ),
+        ]
+    return PlainTextResponse(
+        m.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+@api.get("/model", tags=["operations"], summary="The model card", response_model=ModelCard)
+async def model_card(svc: ServiceDep) -> dict[str, Any]:
+    """The card exported with the model (labels, threshold, preprocessing, validation metrics,
+    intended use, limitations, versions) plus the served file's `sha256`."""
+    return {**svc.predictor.card, "sha256": svc.predictor.sha256}

@@ -1,0 +1,81 @@
+"""The service's settings: one typed object read from the environment, checked at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pneumonia.predictor import shipped_model_path
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set, each from the environment variable of the same name
+    in upper case (``MODEL_PATH``, ``PORT``, ...). ``pneumonia serve`` flags override them.
+
+    Attributes:
+        model_path: Exported ``.onnx`` model (default: the model shipped with the package).
+        host: Interface to listen on.
+        port: TCP port to listen on.
+        api_key: If set, the prediction routes require it (``X-API-Key`` or ``Authorization:
+            Bearer``); health, readiness, metrics, model card and the web page stay open.
+        max_upload_mb: Largest request body accepted (MiB), a single image or a whole batch;
+            larger bodies are refused with 413 while they stream in.
+        max_batch_files: Most files accepted by ``POST /predict/batch``.
+        max_concurrency: Inference jobs run at the same time (each uses ``inference_threads``).
+        queue_size: Jobs allowed to wait for a free slot; beyond that requests get 503.
+        queue_timeout_s: Longest a job waits for a slot before 503.
+        upload_timeout_s: Longest a client may take to send its upload before 408.
+        inference_threads: onnxruntime threads per job; default: the CPUs the container's
+            cgroup quota allows.
+        graceful_timeout_s: On SIGTERM, how long requests in flight may take to finish.
+        log_level: Level of the JSON logs.
+    """
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, protected_namespaces=()
+    )
+
+    model_path: Path = Field(default_factory=shipped_model_path)
+    host: str = Field(default="0.0.0.0", min_length=1)
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    max_upload_mb: float = Field(default=20.0, gt=0, le=1024)
+    max_batch_files: int = Field(default=16, ge=1, le=256)
+    max_concurrency: int = Field(default=1, ge=1, le=64)
+    queue_size: int = Field(default=8, ge=0, le=10_000)
+    queue_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    upload_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    inference_threads: int | None = Field(default=None, ge=1, le=256)
+    graceful_timeout_s: float = Field(default=20.0, ge=0, le=3600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        # An empty API_KEY= in a compose file means "no key", not "the empty key".
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes."""
+        return int(self.max_upload_mb * MIB)
+
+
+def settings_error_message(exc: ValidationError) -> str:
+    """One line naming every bad setting, its environment variable and what was expected."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(x) for x in err["loc"]) or "settings"
+        got = "" if name == "api_key" else f" (got {err.get('input')!r})"
+        parts.append(f"{name.upper()}: {err['msg']}{got}")
+    return "invalid settings: " + "; ".join(parts)
