@@ -43,7 +43,7 @@ class PayloadTooLargeError(ApiError):
         super().__init__(
             413,
             "payload_too_large",
-            f"the upload is larger than the limit of {limit_bytes / (1024 * 1024):g} MiB; "
+            f"the upload is larger than the limit of {limit_bytes / (1024 * 1024):.3g} MiB; "
             "send a smaller image (downscale or re-encode it)",
         )
 

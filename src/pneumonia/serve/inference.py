@@ -17,9 +17,9 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from pneumonia.heatmap import overlay_png
+from pneumonia.heatmap import MAX_OVERLAY_SIDE, overlay_png
 from pneumonia.predictor import Prediction, Predictor
-from pneumonia.preprocess import ImageError, decode_gray, resize_gray
+from pneumonia.preprocess import ImageError, decode_gray, resize_gray, sniff_format
 from pneumonia.serve.errors import ApiError
 
 T = TypeVar("T")
@@ -121,6 +121,9 @@ def predict_job(predictor: Predictor, images: list[bytes], heatmap: bool = False
                 # Same two steps as Predictor.preprocess, keeping the decoded image to draw on.
                 gray = decode_gray(data, draft_size=predictor.spec.size)
                 inputs.append(resize_gray(gray, predictor.spec))
+                if sniff_format(data) == "jpeg":
+                    # The model's copy may be a reduced-scale JPEG decode; draw on a sharper one.
+                    gray = decode_gray(data, draft_size=MAX_OVERLAY_SIDE)
             else:
                 inputs.append(predictor.preprocess(data))
         except ImageError as exc:

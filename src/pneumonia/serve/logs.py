@@ -53,3 +53,5 @@ def configure_logging(level: str) -> None:
         lg.propagate = True
     # Requests are logged once, by the service's middleware, with their request id.
     logging.getLogger("uvicorn.access").disabled = True
+    # python-multipart warns on every malformed body; a hostile client could flood the logs.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)

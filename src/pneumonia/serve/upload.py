@@ -64,6 +64,7 @@ class _Collector:
         self.kept: list[_Part] = []
         self.other_names: list[str] = []
         self.parts = 0
+        self.complete = False
         self._part = _Part()
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -111,12 +112,15 @@ class _Collector:
                 )
             self._part.keep = True
             self.kept.append(self._part)
-        elif len(self.other_names) < 5:
+        elif name and len(self.other_names) < 5:
             self.other_names.append(name[:40])
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part.keep:
             self._part.data += data[start:end]
+
+    def on_end(self) -> None:
+        self.complete = True
 
 
 async def read_uploads(
@@ -157,6 +161,7 @@ async def read_uploads(
                 "on_header_value": collector.on_header_value,
                 "on_header_end": collector.on_header_end,
                 "on_headers_finished": collector.on_headers_finished,
+                "on_end": collector.on_end,
             },
         )
         with anyio.fail_after(timeout_s):
@@ -173,6 +178,14 @@ async def read_uploads(
         raise ApiError(
             400, "invalid_multipart", f"the multipart body is malformed; {_usage(field_name)}"
         ) from None
+    if not collector.complete:
+        # A body cut off before the closing boundary would otherwise yield a truncated file.
+        raise ApiError(
+            400,
+            "invalid_multipart",
+            "the multipart body ended before its closing boundary (upload interrupted?); "
+            + _usage(field_name),
+        )
     if not collector.kept:
         found = (
             f" (found fields: {', '.join(repr(n) for n in collector.other_names)})"

@@ -1,0 +1,131 @@
+"""Service settings from the environment, refused when bad; the serving path stays lean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pneumonia.predictor import shipped_model_path
+from pneumonia.serve.settings import Settings, settings_error_message
+
+ENV_NAMES = [name.upper() for name in Settings.model_fields]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_match_the_contract() -> None:
+    s = Settings()
+    assert (s.host, s.port, s.max_upload_mb) == ("0.0.0.0", 8000, 20.0)
+    assert s.model_path == shipped_model_path()
+    assert s.api_key is None
+    assert s.max_upload_bytes == 20 * 1024 * 1024
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "m.onnx"))
+    monkeypatch.setenv("PORT", "9001")
+    monkeypatch.setenv("HOST", "127.0.0.1")
+    monkeypatch.setenv("API_KEY", "k")
+    monkeypatch.setenv("MAX_UPLOAD_MB", "5")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    s = Settings()
+    assert (s.model_path, s.port, s.host, s.max_upload_mb, s.log_level) == (
+        tmp_path / "m.onnx",
+        9001,
+        "127.0.0.1",
+        5.0,
+        "DEBUG",
+    )
+    assert s.api_key is not None and s.api_key.get_secret_value() == "k"
+    assert Settings(port=9002).port == 9002  # flags (init values) override the environment
+
+
+def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEY", "  ")
+    assert Settings().api_key is None
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("PORT", "0"),
+        ("PORT", "http"),
+        ("MAX_UPLOAD_MB", "-1"),
+        ("MAX_BATCH_FILES", "0"),
+        ("MAX_CONCURRENCY", "0"),
+        ("QUEUE_SIZE", "-1"),
+        ("LOG_LEVEL", "loud"),
+    ],
+)
+def test_bad_values_are_refused_with_their_name(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    message = settings_error_message(info.value)
+    assert env in message and repr(value).lower() in message.lower() and "\n" not in message
+
+
+def test_api_key_never_appears_in_errors() -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(api_key=12345, port=-1)  # type: ignore[arg-type]
+    assert "12345" not in settings_error_message(info.value)
+
+
+def test_cli_refuses_bad_settings_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pneumonia.cli import main
+
+    monkeypatch.setenv("MAX_UPLOAD_MB", "lots")
+    assert main(["serve", "--port", "8123"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MAX_UPLOAD_MB" in err
+
+
+def test_cli_refuses_a_missing_model_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from pneumonia.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "absent.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "absent.onnx" in err and "does not exist" in err
+
+
+def test_serving_path_imports_no_training_or_plotting_stack(tiny_model: Path) -> None:
+    """The service must fit 256 MB: no torch, matplotlib, pandas or scikit-learn, even after
+    handling requests (import at start-up and lazily on the request path are both checked)."""
+    script = f"""
+import sys, warnings
+warnings.simplefilter("ignore")
+from pneumonia.cli import build_parser
+from pneumonia.serve.app import create_app
+from pneumonia.serve.settings import Settings
+from fastapi.testclient import TestClient
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import jpeg_bytes
+from serve_util import dicom_bytes
+import numpy as np
+with TestClient(create_app(Settings(model_path={str(tiny_model)!r}))) as c:
+    r = c.post("/predict?heatmap=true", files={{"file": ("a.jpeg", jpeg_bytes())}})
+    assert r.status_code == 200
+    dcm = dicom_bytes(np.full((64, 64), 7, np.uint16))
+    assert c.post("/predict", files={{"file": ("a.dcm", dcm)}}).status_code == 200
+    c.get("/metrics"); c.get("/docs"); c.get("/")
+heavy = ("torch", "matplotlib", "pandas", "sklearn", "scipy", "tensorflow")
+print(",".join(sorted(m for m in heavy if m in sys.modules)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
