@@ -156,6 +156,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from pneumonia.serve.settings import Settings, settings_error_message
 
     flags = {"host": a.host, "port": a.port, "model_path": a.model}
+    if a.verbose:
+        flags["log_level"] = "DEBUG"
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
