@@ -277,6 +277,11 @@ def test_two_files_on_predict_is_400(client: TestClient) -> None:
     )
 
 
+def test_a_flood_of_form_fields_is_400(client: TestClient) -> None:
+    fields = [(f"x{i}", ("a", b"1")) for i in range(30)]
+    assert_error(client.post("/predict", files=fields), 400, "too_many_parts")
+
+
 @pytest.mark.parametrize(
     ("data", "code"),
     [
