@@ -1,0 +1,81 @@
+"""The README and docs/ stay true to the code: every setting, flag, link and make target exists."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from conftest import REPO
+from pneumonia.cli import build_parser
+from pneumonia.serve.settings import Settings
+
+README = (REPO / "README.md").read_text()
+OPERATIONS = (REPO / "docs" / "operations.md").read_text()
+
+#: The README's sections, in the order issue 4 asks for.
+SECTIONS = [
+    "Two commands",
+    "Using the API",
+    "Train, evaluate, export, predict",
+    "Configuration",
+    "API reference",
+    "Quality and speed",
+    "Deploying",
+    "Limits and intended use",
+]
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_readme_sections_come_in_order() -> None:
+    headings = re.findall(r"^## (.+)$", README, re.MULTILINE)
+    positions = [headings.index(s) for s in SECTIONS]
+    assert positions == sorted(positions), headings
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_is_documented(name: str) -> None:
+    assert f"`{name.upper()}`" in README, f"README's Configuration lacks {name.upper()}"
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_command_and_flag_is_documented(command: str) -> None:
+    assert f"pneumonia {command}" in README
+    for action in _subcommands()[command]._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}" in README or f" {flag}" in README, (
+                    f"README lacks `pneumonia {command} {flag}`"
+                )
+
+
+def test_relative_links_resolve() -> None:
+    for text, base in ((README, REPO), (OPERATIONS, REPO / "docs")):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (base / target).exists(), f"broken link to {target}"
+
+
+def test_make_targets_named_in_readme_exist() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.MULTILINE))
+    for target in set(re.findall(r"`make (\w[\w-]*)", README)) | set(
+        re.findall(r"^make (\w[\w-]*)", README, re.MULTILINE)
+    ):
+        assert target in targets, f"README runs `make {target}`, which the Makefile lacks"
+
+
+def test_operations_names_only_real_metrics() -> None:
+    from pneumonia.serve.metrics import Metrics
+
+    rendered = Metrics().render()
+    routes = (REPO / "src" / "pneumonia" / "serve" / "routes.py").read_text()
+    for name in set(re.findall(r"`(pneumonia_[a-z_]+)`", OPERATIONS)):
+        assert name in rendered or f'"{name}"' in routes, (
+            f"docs/operations.md names {name}, which /metrics lacks"
+        )
