@@ -14,7 +14,14 @@ import numpy as np
 from pneumonia import __version__
 from pneumonia.config import TrainConfig
 from pneumonia.data import LABELS
-from pneumonia.predictor import CARD_METADATA_KEY, INPUT_NAME, OUTPUT_NAMES, Predictor, sha256_file, sidecar_card_path
+from pneumonia.predictor import (
+    CARD_METADATA_KEY,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    Predictor,
+    sha256_file,
+    sidecar_card_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +207,7 @@ def render_model_card(card: dict[str, Any], test: dict[str, Any] | None = None, 
         f"(min_sensitivity = {card['threshold_rule'].get('min_sensitivity')}). Chosen before any test-set figure was seen.",
         "",
         "## Training data",
-        f"- Source: Kermany et al. 2018 pediatric chest X-rays (CC BY 4.0), training folder only.",
+        "- Source: Kermany et al. 2018 pediatric chest X-rays (CC BY 4.0), training folder only.",
         f"- Training split: {data['train']} ({data['train_patients']} patients); validation split (patient-grouped): {data['validation']}.",
         f"- Unreadable files skipped: {len(data['skipped'])}.",
         "",

@@ -26,8 +26,21 @@ from torch import nn
 from pneumonia.augment import augment_batch
 from pneumonia.calibration import calibrated_probability, fit_temperature, nll
 from pneumonia.config import TrainConfig
-from pneumonia.data import LoadedImages, class_counts, grouped_split, list_split, load_images, resolve_split
-from pneumonia.evaluate import choose_threshold, roc_auc, threshold_metrics, brier, expected_calibration_error
+from pneumonia.data import (
+    LoadedImages,
+    class_counts,
+    grouped_split,
+    list_split,
+    load_images,
+    resolve_split,
+)
+from pneumonia.evaluate import (
+    brier,
+    choose_threshold,
+    expected_calibration_error,
+    roc_auc,
+    threshold_metrics,
+)
 from pneumonia.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
