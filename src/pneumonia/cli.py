@@ -168,6 +168,57 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def cmd_score(a: argparse.Namespace) -> int:
+    import signal
+
+    from pneumonia.predictor import default_model_path
+    from pneumonia.score import ScoreError, open_input, score_archive
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a killed job keeps its finished rows, as on Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        source = open_input(
+            a.input, path_column=a.path_column, id_column=a.id_column, bytes_column=a.bytes_column
+        )
+        summary = score_archive(
+            source,
+            a.out,
+            a.model or default_model_path(),
+            engine=a.engine,
+            workers=a.workers,
+            batch_size=a.batch_size,
+            part_rows=a.part_rows,
+            address=a.address,
+            progress=not a.no_progress,
+        )
+    except ScoreError as exc:
+        print(f"pneumonia score: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"pneumonia score: interrupted; finished rows are saved in {a.out}.parts/, "
+            "rerun the same command to finish",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    labels = ", ".join(f"{k} {v}" for k, v in summary.labels.items())
+    log.info(
+        "%d rows in %s (%s, %d errors); this run scored %d images at %.1f images/s",
+        summary.rows,
+        summary.out,
+        labels,
+        sum(summary.errors.values()),
+        summary.scored,
+        summary.images_per_second,
+    )
+    print(json.dumps(summary.to_dict()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -236,6 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(s)
     s.set_defaults(func=cmd_serve)
 
+    sc = sub.add_parser(
+        "score",
+        help="score a folder tree, a manifest or a Parquet of image bytes into Parquet/CSV",
+        description="Score every image of INPUT into OUT, one row per image (errors included). "
+        "Interrupted runs resume: rerun the same command.",
+    )
+    sc.add_argument(
+        "input",
+        type=Path,
+        help="folder (searched recursively), .csv/.parquet manifest of paths, "
+        "or .parquet of image bytes",
+    )
+    sc.add_argument("--out", type=Path, required=True, help="results file, .parquet or .csv")
+    _model_arg(sc)
+    sc.add_argument("--engine", choices=["local", "ray"], default="local", help="default: local")
+    sc.add_argument("--address", help="Ray cluster for --engine ray (default: start Ray here)")
+    sc.add_argument("--workers", type=int, help="processes or Ray actors (default: CPUs)")
+    sc.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
+    sc.add_argument("--path-column", default="path", help="manifest column of image paths")
+    sc.add_argument("--id-column", default="id", help="Parquet-of-bytes column of image ids")
+    sc.add_argument("--bytes-column", help="Parquet-of-bytes image column (default: binary column)")
+    sc.add_argument("--part-rows", type=int, default=1000, help="rows per part saved while scoring")
+    sc.add_argument("--no-progress", action="store_true")
+    sc.set_defaults(func=cmd_score)
     return p
 
 

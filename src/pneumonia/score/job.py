@@ -1,0 +1,135 @@
+"""One scoring job: open the output, skip what is done, run an engine, commit, summarise."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pneumonia.predictor import Predictor, available_cpus
+from pneumonia.score.inputs import FolderSource, ManifestSource, ParquetBytesSource
+from pneumonia.score.output import ScoreOutput
+from pneumonia.score.rows import ScoreError
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What a job left in OUT and what this run did.
+
+    Attributes:
+        out: The output file.
+        rows: Rows in OUT (one per image).
+        labels: Rows per predicted label.
+        errors: Rows per error code (images that could not be scored).
+        scored: Images scored by this run.
+        resumed: Images found already scored in OUT or its parts.
+        seconds: Time spent scoring in this run.
+    """
+
+    out: Path
+    rows: int
+    labels: dict[str, int]
+    errors: dict[str, int]
+    scored: int
+    resumed: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "rows": self.rows,
+            "labels": self.labels,
+            "errors": self.errors,
+            "scored": self.scored,
+            "resumed": self.resumed,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_second, 2),
+        }
+
+
+def score_archive(
+    source: FolderSource | ManifestSource | ParquetBytesSource,
+    out: Path,
+    model_path: Path,
+    *,
+    engine: str = "local",
+    workers: int | None = None,
+    batch_size: int = 32,
+    part_rows: int = 1000,
+    address: str | None = None,
+    progress: bool = False,
+) -> ScoreSummary:
+    """Score every image of ``source`` into ``out``, resuming whatever an earlier run left.
+
+    Args:
+        source: From :func:`pneumonia.score.open_input`.
+        out: ``.parquet`` or ``.csv`` result file.
+        model_path: Exported ``.onnx`` model.
+        engine: ``local`` (processes on this machine) or ``ray`` (Ray Data).
+        workers: Processes or Ray actors; default: the CPUs available. Local with 1: in
+            this process.
+        batch_size: Images per inference batch.
+        part_rows: Rows per saved part (at most this many are lost on a hard kill).
+        address: Ray cluster address (``ray`` engine only); default: a local Ray instance.
+        progress: Draw a progress bar with images/s and time left.
+
+    Raises:
+        ScoreError: bad arguments, an output of another model or input kind, a missing
+            optional dependency, or a dead worker.
+        ModelLoadError: the model cannot be loaded.
+    """
+    if engine not in ENGINES:
+        raise ScoreError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if address and engine != "ray":
+        raise ScoreError("--address only applies to --engine ray")
+    if batch_size < 1 or (workers is not None and workers < 1):
+        raise ScoreError(f"batch size and workers must be >= 1, got {batch_size} and {workers}")
+    predictor = Predictor(model_path, threads=1)
+    with ScoreOutput(Path(out), source.key_name, predictor.sha256, part_rows=part_rows) as output:
+        done = output.done
+        resumed = len(done)
+        todo = sum(1 for key in source.iter_keys() if key not in done)
+        from tqdm import tqdm
+
+        scored = 0
+        start = time.monotonic()
+        with tqdm(
+            total=todo, disable=not progress, unit="img", desc="scoring", dynamic_ncols=True
+        ) as bar:
+            if engine == "ray":
+                from pneumonia.score.ray_engine import iter_ray
+
+                batches = iter_ray(
+                    source,
+                    model_path,
+                    predictor,
+                    frozenset(done),
+                    workers=workers,
+                    batch_size=batch_size,
+                    address=address,
+                )
+            else:
+                from pneumonia.score.local import iter_local
+
+                batches = iter_local(
+                    source.items(done),
+                    model_path,
+                    predictor,
+                    workers=workers or available_cpus(),
+                    batch_size=batch_size,
+                )
+            for rows in batches:
+                output.add(rows)
+                scored += len(rows)
+                bar.update(len(rows))
+        seconds = time.monotonic() - start
+        tally = output.commit()
+    t = tally.to_dict()
+    return ScoreSummary(Path(out), t["rows"], t["labels"], t["errors"], scored, resumed, seconds)

@@ -1,0 +1,117 @@
+"""One output row per image, and the function every engine uses to make them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from pneumonia.preprocess import ImageError
+
+if TYPE_CHECKING:
+    from pneumonia.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+#: Columns after the key column ("path" or "id"), in file order.
+VALUE_COLUMNS = (
+    "sha256",
+    "prediction",
+    "p_normal",
+    "p_pneumonia",
+    "threshold",
+    "model_sha256",
+    "error",
+)
+
+
+class ScoreError(ValueError):
+    """A scoring job that cannot start or continue; the message says what to change."""
+
+
+class Item(NamedTuple):
+    """One image to score: its key and either a file to read or the bytes themselves."""
+
+    key: str
+    path: str | None = None
+    data: bytes | None = None
+
+
+class ScoreRow(NamedTuple):
+    """One image's result. ``error`` ("code: message") is set when it could not be scored."""
+
+    key: str
+    sha256: str | None
+    prediction: str | None
+    p_normal: float | None
+    p_pneumonia: float | None
+    threshold: float
+    model_sha256: str
+    error: str | None
+
+    @property
+    def error_code(self) -> str | None:
+        return self.error.split(":", 1)[0] if self.error else None
+
+
+def columns(key_name: str) -> tuple[str, ...]:
+    """Column names of an output file keyed by ``key_name``."""
+    return (key_name, *VALUE_COLUMNS)
+
+
+def _error_row(
+    predictor: Predictor, key: str, sha256: str | None, code: str, message: str
+) -> ScoreRow:
+    return ScoreRow(
+        key, sha256, None, None, None, predictor.threshold, predictor.sha256, f"{code}: {message}"
+    )
+
+
+def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
+    """Read, preprocess and classify ``items`` as one batch, in order.
+
+    An image that cannot be read or decoded becomes a row with ``error`` set; nothing here
+    raises for a bad file, so one broken film never stops an archive.
+    """
+    rows: list[ScoreRow | None] = [None] * len(items)
+    arrays: list[np.ndarray] = []
+    good: list[tuple[int, str]] = []
+    for i, item in enumerate(items):
+        try:
+            data = item.data if item.path is None else Path(item.path).read_bytes()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            rows[i] = _error_row(
+                predictor, item.key, None, "unreadable_file", f"cannot read the file: {reason}"
+            )
+            continue
+        data = data or b""
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            arrays.append(predictor.preprocess(data))
+            good.append((i, sha))
+        except ImageError as exc:
+            rows[i] = _error_row(predictor, item.key, sha, exc.code, exc.message)
+        except Exception as exc:  # a decoder bug must cost one row, not the archive
+            log.warning("unexpected error decoding %s", item.key, exc_info=True)
+            rows[i] = _error_row(
+                predictor, item.key, sha, "unexpected_error", f"{type(exc).__name__}: {exc}"
+            )
+    if arrays:
+        preds = predictor.predict_arrays(np.stack(arrays))
+        for (i, sha), p in zip(good, preds, strict=True):
+            rows[i] = ScoreRow(
+                items[i].key,
+                sha,
+                p.label,
+                p.p_normal,
+                p.p_pneumonia,
+                p.threshold,
+                predictor.sha256,
+                None,
+            )
+    return [r for r in rows if r is not None]
