@@ -24,7 +24,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="exported .onnx model (default: $MODEL_PATH, else the shipped model)")
 
 
-def _load_predictor(path: Path | None):  # noqa: ANN202 - keeps onnxruntime out of --help
+def _load_predictor(path: Path | None):  # no return annotation: keeps onnxruntime out of --help
     from pneumonia.predictor import Predictor, default_model_path
 
     return Predictor(path or default_model_path())
