@@ -48,12 +48,14 @@ export: install-test
 
 evaluate: install-test
 	$(BIN)/pneumonia evaluate --model $(MODEL) --data $(DATA) --json $(EVAL)/test.json \
-		--markdown $(EVAL)/test.md --plots $(EVAL)/plots --run-dir $(RUN)
+		--markdown $(EVAL)/test.md --plots $(EVAL)/plots $(if $(wildcard $(RUN)/config.json),--run-dir $(RUN))
 
-# Speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md).
+# Serving speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md),
+# then batch-scoring throughput and memory by engine. Run on an idle machine.
 bench: install-test
 	bash benchmarks/setup_original.sh
 	$(BIN)/python benchmarks/bench_serve.py --json runs/bench_serve.json
+	$(BIN)/python benchmarks/bench_score.py --images 10000
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
