@@ -618,6 +618,12 @@ def report(
         ),
     )
     row(
+        "Resident memory after the first prediction (MB)",
+        ("rss_after_first_prediction_mb",),
+        "",
+        None,
+    )
+    row(
         "Sequential latency p50 (ms)",
         ("sequential", "p50_ms"),
         "≤ 0.2× original",
