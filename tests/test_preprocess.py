@@ -437,3 +437,50 @@ def test_spec_missing_key_is_an_error_not_a_default() -> None:
     del d["size"]
     with pytest.raises(ValueError, match="lacks \\['size'\\]"):
         PreprocessSpec.from_dict(d)
+
+
+def test_jpeg2000_dicom_is_refused_before_decoding() -> None:
+    """Regression: a JPEG 2000 DICOM whose JP2 box has length 0 made pydicom loop forever."""
+    import multiprocessing as mp
+
+    from pydicom.uid import JPEG2000Lossless
+
+    data = _dicom_j2k_zero_box(JPEG2000Lossless)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        res = pool.apply_async(_decode_error_code, (data,))
+        assert res.get(timeout=60) == "unsupported_transfer_syntax"
+
+
+def _decode_error_code(data: bytes) -> str:
+    from pneumonia.preprocess import ImageError, decode_gray
+
+    try:
+        decode_gray(data)
+    except ImageError as exc:
+        return exc.code
+    return "decoded"
+
+
+def _dicom_j2k_zero_box(ts: object) -> bytes:
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ts
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x0cjP  " + b"\0" * 100])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

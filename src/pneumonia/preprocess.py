@@ -241,6 +241,21 @@ def _decode_pillow(data: bytes, fmt: str, draft_size: int | None) -> np.ndarray:
         ) from None
 
 
+# Compressed DICOM transfer syntaxes we attempt to decode. JPEG 2000 is refused up front:
+# pydicom 3.0's JP2 box walk loops forever on a zero-length box, so a 100-byte upload could
+# pin a worker (found by our hostile-input probing).
+_DICOM_COMPRESSED_ALLOWED = frozenset(
+    {
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    }
+)
+
+
 def _has_decoder(tsyntax: Any) -> bool:
     """Whether pydicom can decode this compressed transfer syntax with what is installed."""
     from pydicom.pixels import get_decoder
@@ -271,14 +286,16 @@ def _decode_dicom(data: bytes) -> np.ndarray:
             f"DICOM holds {frames} frames of {cols}x{rows}, over the limit of {MAX_PIXELS:,} pixels"
         )
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is not None and tsyntax.is_compressed and (
+        str(tsyntax) not in _DICOM_COMPRESSED_ALLOWED or not _has_decoder(tsyntax)
+    ):
+        raise UnsupportedTransferSyntaxError(
+            f"DICOM transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded here; "
+            "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
+        )
     try:
         pixels = ds.pixel_array
     except Exception:
-        if tsyntax is not None and tsyntax.is_compressed and not _has_decoder(tsyntax):
-            raise UnsupportedTransferSyntaxError(
-                f"DICOM transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded here; "
-                "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
-            ) from None
         raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
     try:
         if frames > 1:
