@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from pneumonia.evaluate import (
     roc_curve,
     threshold_metrics,
 )
+from pneumonia.export import comparison_table
+from pneumonia.plots import plot_report
 
 # Fixed arrays with ties inside and across classes.
 y_ties = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 1])
@@ -219,9 +222,10 @@ def test_report_values_match_the_functions() -> None:
         (np.zeros(0, int), np.zeros(0)),  # no images at all
     ],
 )
-def test_report_is_strict_json_when_values_are_undefined(y: np.ndarray, p: np.ndarray) -> None:
+def test_report_is_strict_json_when_values_are_undefined(y: np.ndarray, p: np.ndarray, tmp_path: Path) -> None:
     """Regression: one-class sets gave NaN (AUC, reliability bins) and the bootstrap crashed;
-    json.dumps wrote NaN, which is not JSON. Undefined values must be null."""
+    json.dumps wrote NaN, which is not JSON. Undefined values must be null, and the plots and
+    the comparison table (which formatted them as floats) must still draw them."""
     r = evaluate_predictions(y, p, 0.5, n_boot=30).to_json()
     text = json.dumps(r, allow_nan=False)
     assert json.loads(text) == r
@@ -234,6 +238,10 @@ def test_report_is_strict_json_when_values_are_undefined(y: np.ndarray, p: np.nd
     if not (p >= 0.5).any():
         assert r["ppv"] is None
     markdown_summary(r, "undefined values")  # must not fail on None
+    assert len(plot_report(r, tmp_path / "plots")) == 5
+    table = comparison_table([("this model", r)])
+    if r["auc"] is None:
+        assert "| this model | n/a |" in table
 
 
 def test_bootstrap_on_one_class_is_none() -> None:

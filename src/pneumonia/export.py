@@ -157,8 +157,11 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     return sidecar
 
 
-def _fmt(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
+def _fmt(x: Any, digits: int = 4) -> str:
+    """A metric for a table; ``n/a`` where it is undefined (e.g. AUC on one class)."""
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
 #: Published reference points quoted in the model card and README.
@@ -176,7 +179,7 @@ def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         "|---|---|---|---|---|",
     ]
     for label, r in rows:
-        lines.append(f"| {label} | {r['auc']:.3f} | {r['accuracy']:.3f} | {r['sensitivity']:.3f} | {r['specificity']:.3f} |")
+        lines.append("| " + " | ".join([label] + [_fmt(r[k], 3) for k in ("auc", "accuracy", "sensitivity", "specificity")]) + " |")
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in REFERENCES]
     return "\n".join(lines) + "\n"
 
@@ -222,12 +225,13 @@ def render_model_card(card: dict[str, Any], test: dict[str, Any] | None = None, 
         if baseline is not None:
             rows.append(("Logistic-regression baseline (same code)", baseline))
         cm = test["confusion_matrix"]
-        lo, hi = test["auc_ci95"]
+        lo, hi = test["auc_ci95"] or (None, None)
+        f = {k: _fmt(test[k]) for k in ("auc", "threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "ece")}
         lines += [
-            "## Held-out evaluation: the official test set (624 images, never used for any choice)",
-            f"ROC-AUC {test['auc']:.4f} (95% bootstrap CI {lo:.4f}-{hi:.4f}); at threshold {test['threshold']:.4f}: "
-            f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}, "
-            f"PPV {test['ppv']:.4f}, NPV {test['npv']:.4f}, F1 {test['f1']:.4f}, Brier {test['brier']:.4f}, ECE {test['ece']:.4f}; "
+            f"## Held-out evaluation: {test['n']} images never used for any choice",
+            f"ROC-AUC {f['auc']} (95% bootstrap CI {_fmt(lo)}-{_fmt(hi)}); at threshold {f['threshold']}: "
+            f"accuracy {f['accuracy']}, sensitivity {f['sensitivity']}, specificity {f['specificity']}, "
+            f"PPV {f['ppv']}, NPV {f['npv']}, F1 {f['f1']}, Brier {f['brier']}, ECE {f['ece']}; "
             f"confusion tn={cm['tn']} fp={cm['fp']} fn={cm['fn']} tp={cm['tp']}.",
             "",
             comparison_table(rows),
