@@ -151,6 +151,9 @@ def cmd_card(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from pneumonia.serve.heap import fix_mmap_threshold
+
+    fix_mmap_threshold()  # first: before the imports and the model allocate
     from pydantic import ValidationError
 
     from pneumonia.serve.settings import Settings, settings_error_message
