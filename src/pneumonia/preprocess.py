@@ -266,31 +266,50 @@ def _has_decoder(tsyntax: Any) -> bool:
         return False
 
 
+def _decodable_syntax(tsyntax: Any) -> bool:
+    """Whether pixel data in this transfer syntax can be decoded here.
+
+    A UID that is not a transfer syntax at all (private or corrupt) is not: pydicom's
+    ``is_compressed`` raises a bare ValueError on it.
+    """
+    if not tsyntax.is_transfer_syntax:
+        return False
+    if not tsyntax.is_compressed:
+        return True
+    return str(tsyntax) in _DICOM_COMPRESSED_ALLOWED and _has_decoder(tsyntax)
+
+
 def _decode_dicom(data: bytes) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        # pydicom converts elements lazily, so a corrupt header field raises on first access
+        # (NotImplementedError for an unknown VR, ValueError, ...), not in dcmread.
+        has_pixels = "PixelData" in ds
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     except Exception:
         raise UndecodableImageError(
             "the DICOM file could not be parsed (truncated or corrupt)"
         ) from None
-    if "PixelData" not in ds:
+    if not has_pixels:
         raise UndecodableImageError("the DICOM file holds no pixel data (no PixelData element)")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_dimensions(cols, rows)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows * cols * frames > MAX_PIXELS:
         raise DecompressionBombError(
             f"DICOM holds {frames} frames of {cols}x{rows}, over the limit of {MAX_PIXELS:,} pixels"
         )
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if tsyntax is not None and tsyntax.is_compressed and (
-        str(tsyntax) not in _DICOM_COMPRESSED_ALLOWED or not _has_decoder(tsyntax)
-    ):
+    if tsyntax is not None and not _decodable_syntax(tsyntax):
+        what = (
+            f"{tsyntax.name} ({tsyntax})"
+            if tsyntax.is_transfer_syntax
+            else f"{str(tsyntax)[:64]!r} (not a known transfer syntax UID)"
+        )
         raise UnsupportedTransferSyntaxError(
-            f"DICOM transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded here; "
+            f"DICOM transfer syntax {what} cannot be decoded here; "
             "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
         )
     try:
