@@ -17,6 +17,7 @@ exposure and contrast constants never have to be copied anywhere else.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -326,14 +327,26 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         else:
             arr = apply_modality_lut(pixels, ds)
             arr = apply_voi_lut(arr, ds)
-            arr = np.asarray(arr, dtype=np.float32)
     except Exception:
         raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
+    # Scaled in float64 (in place: the array is ours): in float32, values after an absurd
+    # rescale slope overflow to inf and the min-max scaling gives NaN model input.
+    arr = np.asarray(arr, dtype=np.float64)
     lo, hi = float(np.min(arr)), float(np.max(arr))
-    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr, dtype=np.float32)
+    if not math.isfinite(hi - lo):  # also NaN or inf at either end
+        raise UndecodableImageError(
+            "the DICOM pixel values are not finite after its rescale slope/intercept and window; "
+            "check those header fields"
+        )
+    if hi > lo:
+        arr -= lo
+        arr /= hi - lo
+        out = arr.astype(np.float32)
+    else:
+        out = np.zeros(arr.shape, dtype=np.float32)
     if photometric == "MONOCHROME1":  # 0 is white in MONOCHROME1
-        arr = 1.0 - arr
-    return arr.astype(np.float32)
+        out = 1.0 - out
+    return out
 
 
 def decode_gray(data: bytes, draft_size: int | None = None) -> np.ndarray:
