@@ -46,7 +46,7 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
 def test_card_carries_what_serving_needs(tiny_model: Path, tiny_card: dict) -> None:
     from pneumonia.predictor import Predictor, sha256_file
 
-    for key in ("labels", "threshold", "temperature", "preprocess", "validation_metrics", "versions", "training", "intended_use"):
+    for key in ("labels", "threshold", "temperature", "bias", "preprocess", "validation_metrics", "versions", "training", "intended_use"):
         assert key in tiny_card
     assert tiny_card["sha256"] == sha256_file(tiny_model)
     assert Predictor(tiny_model).card["preprocess"] == tiny_card["preprocess"]
@@ -122,4 +122,5 @@ def test_calibrate_refits_threshold_without_training(tiny_run: Path, tmp_path: P
     after = json.loads((run / "calibration.json").read_text())
     assert after["threshold_rule"] == "youden"
     assert after["temperature"] == pytest.approx(before["temperature"])  # same checkpoints, same split
+    assert after["bias"] == pytest.approx(before["bias"])
     assert after["validation"]["n"] == before["validation"]["n"]

@@ -537,6 +537,7 @@ def test_health_ready_and_model_card(client: TestClient, tiny_card: dict) -> Non
         "labels",
         "threshold",
         "temperature",
+        "bias",
         "preprocess",
         "intended_use",
         "limitations",

@@ -57,6 +57,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         **record["validation"],
         "threshold": record["threshold"],
         "temperature": record["temperature"],
+        "bias": record["bias"],
         "skipped": len(record["data"]["skipped"]),
     }
     print(json.dumps(summary))
@@ -67,7 +68,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from pneumonia.train import calibrate_run
 
     record = calibrate_run(a.run_dir, a.data, threshold_rule=a.threshold_rule, min_sensitivity=a.min_sensitivity)
-    print(json.dumps({"run_dir": str(a.run_dir), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"]}))
+    print(json.dumps({"run_dir": str(a.run_dir), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"], "bias": record["bias"]}))
     return 0
 
 

@@ -65,7 +65,8 @@ def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: st
             else "Youden's J on validation",
         },
         "temperature": calib["temperature"],
-        "calibration": "temperature scaling fitted on the validation split: p = sigmoid(logit / temperature)",
+        "bias": calib["bias"],
+        "calibration": "temperature and bias fitted on the validation split: p = sigmoid(logit / temperature + bias)",
         "preprocess": cfg.preprocess.to_dict(),
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", *cfg.preprocess.input_shape], "range": list(cfg.preprocess.value_range)},
         "outputs": {
@@ -205,7 +206,8 @@ def render_model_card(card: dict[str, Any], test: dict[str, Any] | None = None, 
         f"{arch['parameters']:,} parameters; global average pooling and a linear head (class activation maps without gradients).",
         f"- Input: {pp['size']}x{pp['size']} grayscale, float32 in {pp['value_range']}, aspect ratio {pp['resize']}ed, "
         f"{pp['interpolation']} resampling; {pp['normalization']}.",
-        f"- Output: calibrated P(PNEUMONIA) = sigmoid(logit / {card['temperature']:.4f}) (temperature fitted on validation).",
+        f"- Output: calibrated P(PNEUMONIA) = sigmoid(logit / {card['temperature']:.4f} + {card['bias']:.4f}) (temperature and bias "
+        "fitted on validation; the bias restores the class prior that class-weighted training removes).",
         f"- Operating threshold: **{card['threshold']:.4f}**; rule: {card['threshold_rule']['description']} "
         f"(min_sensitivity = {card['threshold_rule'].get('min_sensitivity')}). Chosen before any test-set figure was seen.",
         "",

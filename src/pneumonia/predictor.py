@@ -105,7 +105,7 @@ def _cgroup_cpu_quota() -> float | None:
 
 
 def _validate_card(card: dict[str, Any], path: Path) -> None:
-    missing = [k for k in ("labels", "threshold", "temperature", "preprocess", "name") if k not in card]
+    missing = [k for k in ("labels", "threshold", "temperature", "bias", "preprocess", "name") if k not in card]
     if missing:
         raise ModelLoadError(f"model card in {path} lacks {missing}; re-export the model with `pneumonia export`")
     if list(card["labels"]) != list(LABELS):
@@ -165,6 +165,7 @@ class Predictor:
                 raise ModelLoadError(f"{sidecar} describes a different file (sha256 {declared[:12]}..., file has {self.sha256[:12]}...)")
         self.threshold = float(self.card["threshold"])
         self.temperature = float(self.card["temperature"])
+        self.bias = float(self.card["bias"])
 
     @property
     def name(self) -> str:
@@ -189,11 +190,11 @@ class Predictor:
         if len(batch) == 0:
             return np.zeros(0)
         logits = np.concatenate([self.run(batch[i : i + chunk])[0] for i in range(0, len(batch), chunk)])
-        return calibrated_probability(logits, self.temperature)
+        return calibrated_probability(logits, self.temperature, self.bias)
 
     def predict_arrays(self, batch: np.ndarray, with_cam: bool = False) -> list[Prediction]:
         logits, cams = self.run(batch)
-        probs = calibrated_probability(logits, self.temperature)
+        probs = calibrated_probability(logits, self.temperature, self.bias)
         return [self._prediction(float(z), float(p), cams[i] if with_cam else None) for i, (z, p) in enumerate(zip(logits, probs, strict=True))]
 
     def predict_bytes(self, data: bytes, with_cam: bool = False) -> Prediction:

@@ -3,7 +3,7 @@
     RUN/config.json            the resolved TrainConfig
     RUN/data.json              counts, skipped files, validation patients
     RUN/member-<seed>/         history.json and best.pt (state dict + configs) per member
-    RUN/calibration.json       temperature, threshold rule and threshold, validation metrics
+    RUN/calibration.json       temperature and bias, threshold rule and threshold, validation metrics
     RUN/val_predictions.csv    validation file, label, ensemble logit and probability
 """
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumonia.augment import augment_batch
-from pneumonia.calibration import calibrated_probability, fit_temperature, nll
+from pneumonia.calibration import calibrated_probability, fit_calibration, nll
 from pneumonia.config import TrainConfig
 from pneumonia.data import (
     LoadedImages,
@@ -229,12 +229,13 @@ def _write_calibration(
     members: list[dict[str, Any]],
     data_summary: dict[str, Any],
 ) -> dict[str, Any]:
-    """Fit the temperature and pick the threshold on validation; write calibration.json."""
-    temperature = fit_temperature(logits, val_d.y)
-    prob = calibrated_probability(logits, temperature)
+    """Fit temperature and bias and pick the threshold on validation; write calibration.json."""
+    temperature, bias = fit_calibration(logits, val_d.y)
+    prob = calibrated_probability(logits, temperature, bias)
     threshold = choose_threshold(val_d.y, prob, cfg.threshold_rule, cfg.min_sensitivity)
     record = {
         "temperature": temperature,
+        "bias": bias,
         "threshold": threshold,
         "threshold_rule": cfg.threshold_rule,
         "min_sensitivity": cfg.min_sensitivity,
@@ -242,7 +243,7 @@ def _write_calibration(
             "n": len(val_d.y),
             "auc": roc_auc(val_d.y, prob),
             "nll_before_calibration": nll(logits, val_d.y),
-            "nll": nll(logits, val_d.y, temperature),
+            "nll": nll(logits, val_d.y, temperature, bias),
             "brier": brier(val_d.y, prob),
             "ece": expected_calibration_error(val_d.y, prob),
             **threshold_metrics(val_d.y, prob, threshold),
