@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 64_000_000
 #: Smaller images carry too little information to classify.
 MIN_SIDE = 32
+#: Most bytes a Deflated DICOM dataset may inflate to: the largest image accepted at 16 bits
+#: per pixel, plus 1 MiB of header.
+MAX_INFLATED_BYTES = 2 * MAX_PIXELS + (1 << 20)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -280,11 +284,46 @@ def _decodable_syntax(tsyntax: Any) -> bool:
     return str(tsyntax) in _DICOM_COMPRESSED_ALLOWED and _has_decoder(tsyntax)
 
 
+def _check_inflated_size(data: bytes) -> None:
+    """Refuse a Deflated DICOM whose dataset inflates past ``MAX_INFLATED_BYTES``.
+
+    pydicom inflates the whole dataset in memory before reading a single element, so a
+    300 KB upload of deflated zeros cost 600 MB; this counts the inflated bytes first, in
+    chunks, keeping none of them.
+
+    Raises:
+        DecompressionBombError: the dataset inflates past the limit.
+    """
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    fp.seek(DICOM_MAGIC_OFFSET + len(DICOM_MAGIC))
+    # The file meta group (0002) is always Explicit VR Little Endian and never deflated.
+    meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    step = 1 << 16
+    for start in range(fp.tell(), len(data), step):
+        pending = data[start : start + step]
+        while pending and inflated <= MAX_INFLATED_BYTES:
+            inflated += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+        if inflated > MAX_INFLATED_BYTES:
+            raise DecompressionBombError(
+                f"the Deflated DICOM dataset inflates to over {MAX_INFLATED_BYTES:,} bytes; "
+                "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
+            )
+
+
 def _decode_dicom(data: bytes) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
+        _check_inflated_size(data)
         ds = pydicom.dcmread(io.BytesIO(data))
         # pydicom converts elements lazily, so a corrupt header field raises on first access
         # (NotImplementedError for an unknown VR, ValueError, ...), not in dcmread.
@@ -292,6 +331,8 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    except ImageError:
+        raise
     except Exception:
         raise UndecodableImageError(
             "the DICOM file could not be parsed (truncated or corrupt)"
