@@ -78,17 +78,21 @@ def png16_bytes(gray8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     """A few hundred bytes of PNG that claim ``width x height`` pixels (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 4096)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def free_port() -> int:
@@ -102,9 +106,57 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     url: str
     stderr_path: Path
+    stdout_path: Path
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants, from the parent ids in /proc/*/stat (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # The parent id follows the command name, which is in parentheses and may hold spaces.
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_memory_mib(root: int) -> tuple[float, float]:
+    """(resident now, peak resident) of a process tree in MiB: VmRSS and VmHWM summed.
+
+    The summed VmHWM bounds the tree's true peak from above (the processes may peak at
+    different times); for a single process it is exact, however short the spike.
+    """
+    rss = hwm = 0
+    for pid in process_tree(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key == "VmRSS":
+                rss += int(value.split()[0])
+            elif key == "VmHWM":
+                hwm += int(value.split()[0])
+    return rss / 1024, hwm / 1024
 
 
 def serve_command() -> list[str]:
@@ -118,10 +170,16 @@ def serve_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, tmp_path: Path, **env: str) -> Iterator[ServerProcess]:
-    """Start ``pneumonia serve`` on a free loopback port; wait until /ready; stop it after."""
+def running_server(
+    model: Path, tmp_path: Path, cwd: Path | None = None, **env: str
+) -> Iterator[ServerProcess]:
+    """Start ``pneumonia serve`` on a free loopback port; wait until /ready; stop it after.
+
+    Its stderr and stdout go to files in ``tmp_path``; ``cwd`` is its working directory.
+    """
     port = free_port()
     err = tmp_path / f"serve-{port}.log"
+    out = tmp_path / f"serve-{port}.out"
     full_env = {
         **os.environ,
         "MODEL_PATH": str(model),
@@ -129,11 +187,11 @@ def running_server(model: Path, tmp_path: Path, **env: str) -> Iterator[ServerPr
         "PORT": str(port),
         **env,
     }
-    with err.open("wb") as err_file:
+    with err.open("wb") as err_file, out.open("wb") as out_file:
         proc = subprocess.Popen(
-            serve_command(), env=full_env, stdout=subprocess.DEVNULL, stderr=err_file
+            serve_command(), env=full_env, stdout=out_file, stderr=err_file, cwd=cwd
         )
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", err)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", err, out)
     try:
         deadline = time.monotonic() + 60
         while True:
