@@ -23,7 +23,9 @@ from pneumonia.serve.errors import ApiError
 MAX_FILENAME_CHARS = 255
 # Parts of other fields are skipped but still counted, so a body of many tiny parts is bounded.
 _EXTRA_PARTS = 16
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters (C0, DEL and C1), Unicode line and paragraph separators, and the
+# bidirectional controls that make "x\u202egpj.exe" display as "xexe.jpg".
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,10 @@ class _Part:
 
 
 def clean_filename(raw: str) -> str:
-    """The base name of a client-supplied file name, without control characters, shortened."""
-    name = PurePosixPath(raw.replace("\\", "/")).name
-    return _CONTROL.sub("", name)[:MAX_FILENAME_CHARS]
+    """The base name of a client-supplied file name, shortened, without control or
+    bidirectional-control characters, and never ``..``."""
+    name = PurePosixPath(_UNSAFE.sub("", raw).replace("\\", "/")).name[:MAX_FILENAME_CHARS]
+    return "" if name == ".." else name
 
 
 def _usage(field_name: str) -> str:
