@@ -27,6 +27,9 @@ OUTPUT_NAMES = ("logit", "cam")
 
 #: Environment variable naming the exported model every command and the service use.
 MODEL_PATH_ENV = "MODEL_PATH"
+#: onnxruntime >= 1.29 sends usage telemetry to Microsoft from Linux too and writes a device id
+#: file under $TMPDIR, unless this is set before it is first imported (microsoft/onnxruntime#27379).
+ORT_TELEMETRY_OPT_OUT_ENV = "ORT_DISABLE_TELEMETRY"
 
 
 def shipped_model_path() -> Path:
@@ -126,6 +129,9 @@ class Predictor:
     """
 
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        # A service that handles X-rays sends nothing anywhere and leaves nothing on disk;
+        # an operator who sets the variable themselves keeps their choice.
+        os.environ.setdefault(ORT_TELEMETRY_OPT_OUT_ENV, "1")
         import onnxruntime as ort
 
         self.path = Path(path)
