@@ -89,7 +89,8 @@ _BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _multipart_body(field: str, many: bool) -> dict[str, Any]:
     binary = {"type": "string", "format": "binary"}
-    prop = {"type": "array", "items": binary} if many else binary
+    # minItems: a batch with no file is refused (400 missing_file), so it is not valid input.
+    prop = {"type": "array", "items": binary, "minItems": 1} if many else binary
     what = (
         "The chest X-rays (JPEG, PNG or DICOM), one part each."
         if many
