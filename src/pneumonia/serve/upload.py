@@ -15,12 +15,14 @@ from pathlib import PurePosixPath
 import anyio
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from pneumonia.serve.errors import ApiError
 
 #: File names are echoed back, shortened to this many characters.
 MAX_FILENAME_CHARS = 255
+#: Status recorded when the client disconnects mid-upload (nginx's non-standard 499).
+CLIENT_CLOSED_REQUEST = 499
 # Parts of other fields are skipped but still counted, so a body of many tiny parts is bounded.
 _EXTRA_PARTS = 16
 # Control characters (C0, DEL and C1), Unicode line and paragraph separators, and the
@@ -143,7 +145,8 @@ async def read_uploads(
     Raises:
         ApiError: not multipart or no such field (400 ``missing_file``), malformed (400
             ``invalid_multipart``),
-            too many files (400 ``too_many_files``), too slow (408 ``upload_timeout``).
+            too many files (400 ``too_many_files``), too slow (408 ``upload_timeout``), the
+            client went away (499 ``client_disconnected``).
     """
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data":
@@ -180,6 +183,14 @@ async def read_uploads(
     except FormParserError:
         raise ApiError(
             400, "invalid_multipart", f"the multipart body is malformed; {_usage(field_name)}"
+        ) from None
+    except ClientDisconnect:
+        # Nobody is left to answer. Counted and logged as 499 (nginx's "client closed request"),
+        # not as an unhandled server error with a traceback.
+        raise ApiError(
+            CLIENT_CLOSED_REQUEST,
+            "client_disconnected",
+            "the client closed the connection before the upload was complete",
         ) from None
     if not collector.complete:
         # A body cut off before the closing boundary would otherwise yield a truncated file.
