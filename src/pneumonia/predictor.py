@@ -164,6 +164,12 @@ class Predictor:
             raise ModelLoadError(f"model {self.path} must take '{INPUT_NAME}' and give {OUTPUT_NAMES}, got {[i.name for i in inputs]} -> {outputs}")
         if list(inputs[0].shape[1:]) != list(self.spec.input_shape):
             raise ModelLoadError(f"model {self.path} takes input {inputs[0].shape}, but its card says {self.spec.input_shape}")
+        # A wrong-ranked output would not fail at load: a (N, 2) logit would silently give each
+        # image another image's score, a 2-D cam would fail every heatmap request.
+        got = {a.name: (a.type, a.shape) for a in (inputs[0], *self.session.get_outputs())}
+        want = {INPUT_NAME: 4, OUTPUT_NAMES[0]: 1, OUTPUT_NAMES[1]: 3}
+        if any(got[k][0] != "tensor(float)" or not isinstance(got[k][1], list) or len(got[k][1]) != n for k, n in want.items()):
+            raise ModelLoadError(f"model {self.path} must map float32 {INPUT_NAME} (N, C, H, W) to {OUTPUT_NAMES[0]} (N,) and {OUTPUT_NAMES[1]} (N, h, w), got {got}")
         sidecar = sidecar_card_path(self.path)
         if sidecar.is_file():
             declared = json.loads(sidecar.read_text()).get("sha256")
