@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -21,7 +22,7 @@ from pneumonia.serve.errors import install_error_handlers
 from pneumonia.serve.inference import InferenceQueue
 from pneumonia.serve.metrics import Metrics
 from pneumonia.serve.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from pneumonia.serve.routes import api
+from pneumonia.serve.routes import api, document_settings
 from pneumonia.serve.settings import Settings
 from pneumonia.serve.state import Service
 from pneumonia.serve.web import web
@@ -105,6 +106,16 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(web)
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        doc = build_openapi()  # built once, then cached by FastAPI
+        if first:
+            document_settings(doc, settings)
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

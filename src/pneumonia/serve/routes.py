@@ -26,6 +26,7 @@ from pneumonia.serve.schemas import (
     PredictionResponse,
     ReadyResponse,
 )
+from pneumonia.serve.settings import Settings
 from pneumonia.serve.state import Service, get_service
 from pneumonia.serve.upload import read_uploads
 
@@ -110,6 +111,23 @@ def _multipart_body(field: str, many: bool) -> dict[str, Any]:
             },
         }
     }
+
+
+def document_settings(doc: dict[str, Any], settings: Settings) -> None:
+    """Fit the app's OpenAPI document to the settings it runs with, in place.
+
+    The batch route states its MAX_BATCH_FILES as ``maxItems``. Without API_KEY no route
+    needs a key: an empty security requirement beside the key schemes makes them optional
+    (OpenAPI 3, Security Requirement Object), so clients and API testers expect no 401.
+    """
+    batch = doc["paths"]["/predict/batch"]["post"]["requestBody"]["content"]
+    files = batch["multipart/form-data"]["schema"]["properties"][BATCH_FIELD]
+    files["maxItems"] = settings.max_batch_files
+    if settings.api_key is None:
+        for operations in doc["paths"].values():
+            for operation in operations.values():
+                if "security" in operation:
+                    operation["security"].append({})
 
 
 async def require_api_key(
