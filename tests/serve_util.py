@@ -30,11 +30,12 @@ def dicom_bytes(
     window: tuple[float, float] | None = None,
     transfer_syntax: str | None = None,
     encapsulated: bytes | None = None,
+    patient: tuple[str, str] = ("Doe^Jane", "PATIENT-SECRET-0042"),
 ) -> bytes:
     """A DICOM file (12 bits stored in 16) with patient fields that must never be logged.
 
     ``encapsulated`` puts that one fragment in a compressed ``transfer_syntax`` instead of
-    the native pixels.
+    the native pixels. ``patient`` is (PatientName, PatientID).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
@@ -48,8 +49,7 @@ def dicom_bytes(
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "PATIENT-SECRET-0042"
+    ds.PatientName, ds.PatientID = patient
     ds.PatientBirthDate = "20190101"
     ds.Modality = "CR"
     ds.Rows, ds.Columns = pixels.shape
