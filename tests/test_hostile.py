@@ -268,7 +268,8 @@ def _voi_lut_sequence(ds: Any) -> None:
 
     item = Dataset()
     item.LUTDescriptor = [4096, 0, 16]
-    item.LUTData = [min(4095, 3 * i) for i in range(4096)]  # a steep curve that saturates
+    # Steep: black below 2000, white above 3365, across the image's stored values (1840-3744).
+    item.LUTData = [min(4095, max(0, 3 * (i - 2000))) for i in range(4096)]
     item["LUTData"].VR = "US"
     ds.VOILUTSequence = [item]
 
@@ -616,8 +617,8 @@ CASES = [
     ),
     pytest.param(good(lambda: dicom_bytes(4095 - gray12(), "MONOCHROME1")), id="dicom-monochrome1"),
     pytest.param(
-        # The window (centre 2000, width 1000 after rescale) cuts through the image's range.
-        good(lambda: dicom_bytes(gray12(), slope=2.0, intercept=-1024.0, window=(2000.0, 1000.0))),
+        # The window (4500 +- 1000 after rescale) cuts through the image's range (2656-6464).
+        good(lambda: dicom_bytes(gray12(), slope=2.0, intercept=-1024.0, window=(4500.0, 2000.0))),
         id="dicom-rescale-and-window",
     ),
     pytest.param(good(lambda: dicom_edit(_voi_lut_sequence)), id="dicom-voi-lut-sequence"),
