@@ -357,8 +357,10 @@ class Case:
     file: Callable[[], bytes] | None = None
 
 
-def bad(build: Callable[[], bytes], status: int, code: str) -> Case:
-    return Case(lambda: upload(build()), status, code, file=build)
+def bad(
+    build: Callable[[], bytes], status: int, code: str, name: bytes = b"chest_xray.jpeg"
+) -> Case:
+    return Case(lambda: upload(build(), name), status, code, file=build)
 
 
 def good(build: Callable[[], bytes], path: str = "/predict") -> Case:
@@ -374,9 +376,11 @@ _OVER_LIMIT = MAX_UPLOAD_MB * 1024 * 1024 + 1
 CASES = [
     # Not an image, or not one we read.
     pytest.param(bad(lambda: b"", 400, "empty_file"), id="empty-file"),
-    pytest.param(bad(lambda: b"just text\n", 415, "unsupported_format"), id="text-named-jpg"),
     pytest.param(
-        bad(lambda: b"<html><script>alert(1)</script></html>", 415, "unsupported_format"),
+        bad(lambda: b"just text\n", 415, "unsupported_format", b"xray.jpg"), id="text-named-jpg"
+    ),
+    pytest.param(
+        bad(lambda: b"<html><script>x</script></html>", 415, "unsupported_format", b"xray.jpg"),
         id="html-named-jpg",
     ),
     pytest.param(bad(lambda: b"\0" * 4096, 415, "unsupported_format"), id="nul-bytes"),
@@ -447,6 +451,7 @@ CASES = [
         bad(lambda: jpeg_declaring(65_000, 2), 422, "image_too_small"),
         id="jpeg-header-65000x2",
     ),
+    pytest.param(bad(lambda: jpeg_declaring(0, 0), 422, "undecodable_image"), id="jpeg-header-0x0"),
     pytest.param(bad(png_bomb, 422, "decompression_bomb"), id="png-bomb-20000x20000"),
     pytest.param(
         bad(lambda: png_bomb(2**31 - 1, 2**31 - 1), 422, "decompression_bomb"),
