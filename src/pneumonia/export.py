@@ -47,8 +47,11 @@ PARITY_ATOL = 1e-4
 
 def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: str, n_params: int) -> dict[str, Any]:
     import onnx
-    import onnxruntime
     import torch
+
+    from pneumonia.predictor import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
 
     return {
         "name": name,

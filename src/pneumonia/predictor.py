@@ -32,6 +32,18 @@ MODEL_PATH_ENV = "MODEL_PATH"
 ORT_TELEMETRY_OPT_OUT_ENV = "ORT_DISABLE_TELEMETRY"
 
 
+def import_onnxruntime() -> Any:
+    """Import onnxruntime with its telemetry off (unless the operator set the variable).
+
+    A tool that handles X-rays sends nothing anywhere and leaves nothing on disk; every
+    module that needs onnxruntime imports it through here.
+    """
+    os.environ.setdefault(ORT_TELEMETRY_OPT_OUT_ENV, "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 def shipped_model_path() -> Path:
     """The model committed under ``artifacts/`` and installed with the package."""
     return Path(str(resources.files("pneumonia.artifacts").joinpath("model.onnx")))
@@ -129,10 +141,7 @@ class Predictor:
     """
 
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
-        # A service that handles X-rays sends nothing anywhere and leaves nothing on disk;
-        # an operator who sets the variable themselves keeps their choice.
-        os.environ.setdefault(ORT_TELEMETRY_OPT_OUT_ENV, "1")
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.path = Path(path)
         if not self.path.is_file():
