@@ -16,7 +16,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test lint venv install-serve install-test train export evaluate bench clean
+.PHONY: serve test lint venv install-serve install-test train export evaluate bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ bench: install-test
 	bash benchmarks/setup_original.sh
 	$(BIN)/python benchmarks/bench_serve.py --json runs/bench_serve.json
 	$(BIN)/python benchmarks/bench_score.py --images 10000
+
+# Minutes of uploads on `pneumonia serve` (shipped model unless LOAD_ARGS says --model):
+# errors, latency, the memory curve, a burst past capacity, recovery (docs/reliability.md).
+# Run on an idle machine; e.g. make load LOAD_ARGS="--duration 600 --resize 1500x1200".
+load: install-test
+	$(BIN)/python benchmarks/load.py --json runs/load.json $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
