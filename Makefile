@@ -16,7 +16,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test lint venv install-serve install-test train export evaluate bench load clean
+.PHONY: serve test lint venv install-serve install-test train export evaluate ship bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,22 @@ export: install-test
 evaluate: install-test
 	$(BIN)/pneumonia evaluate --model $(MODEL) --data $(DATA) --json $(EVAL)/test.json \
 		--markdown $(EVAL)/test.md --plots $(EVAL)/plots $(if $(wildcard $(RUN)/config.json),--run-dir $(RUN))
+
+# Rebuild everything under artifacts/ from the data: the shipped CNN (default config), the
+# logistic-regression baseline, their test-set reports and plots, and the model card.
+ship: install-test
+	$(BIN)/pneumonia train --data $(DATA) --out runs/shipped --no-progress
+	$(BIN)/pneumonia export runs/shipped --out artifacts/model.onnx
+	$(BIN)/pneumonia evaluate --model artifacts/model.onnx --data $(DATA) --json artifacts/eval/test.json \
+		--markdown artifacts/eval/test.md --plots artifacts/eval/plots --run-dir runs/shipped \
+		--predictions artifacts/eval/predictions.csv
+	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --no-progress
+	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx
+	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
+		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \
+		--plots artifacts/baseline/eval/plots --run-dir runs/baseline
+	$(BIN)/pneumonia card --model artifacts/model.onnx --report artifacts/eval/test.json \
+		--baseline artifacts/baseline/eval/test.json --out artifacts/model.card.md
 
 # Serving speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md),
 # then batch-scoring throughput and memory by engine. Run on an idle machine.
