@@ -23,7 +23,10 @@ class TrainConfig:
     """Everything that decides a training run.
 
     Attributes:
-        seeds: One ensemble member is trained per seed; their logits are averaged.
+        seeds: One ensemble member is trained per seed; their logits are averaged. The
+            default (two members of 12 epochs) beat one member of 24 epochs, the same
+            training time, on every validation measure: NLL 0.055 vs 0.061, ECE 0.013 vs
+            0.014, specificity at the shipped rule 0.971 vs 0.959 (docs/model.md).
         split_seed: Seed of the patient-grouped validation split (fixed across members).
         val_fraction: Share of each class's training images held out as validation patients.
         epochs: Maximum epochs per member.
@@ -36,10 +39,10 @@ class TrainConfig:
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)
     split_seed: int = 0
     val_fraction: float = 0.2
-    epochs: int = 24
+    epochs: int = 12
     patience: int = 8
     batch_size: int = 32
     lr: float = 2e-3
