@@ -58,7 +58,7 @@ ship: install-test
 	$(BIN)/pneumonia evaluate --model artifacts/model.onnx --data $(DATA) --json artifacts/eval/test.json \
 		--markdown artifacts/eval/test.md --plots artifacts/eval/plots --run-dir runs/shipped \
 		--predictions artifacts/eval/predictions.csv
-	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --no-progress
+	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --seeds 0 --epochs 24 --no-progress
 	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx
 	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
 		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \

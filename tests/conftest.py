@@ -61,7 +61,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished training run of a tiny CNN (64 px, 2 epochs) on the synthetic set."""
+    """A finished training run of a tiny CNN (64 px, 2 epochs, the default two members) on the synthetic set."""
     from pneumonia.config import TrainConfig
     from pneumonia.model import ModelConfig
     from pneumonia.preprocess import PreprocessSpec

@@ -29,11 +29,13 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
     from pneumonia.data import list_split, load_images
     from pneumonia.model import EnsembleForExport
     from pneumonia.predictor import Predictor
-    from pneumonia.train import load_member
+    from pneumonia.train import CHECKPOINT, load_member, member_dirs
 
     pred = Predictor(tiny_model)
     x = load_images(list_split(synthetic_root / "test"), pred.spec).x
-    net = EnsembleForExport([load_member(tiny_run / "member-0" / "best.pt")]).eval()
+    members = [load_member(d / CHECKPOINT) for d in member_dirs(tiny_run)]
+    assert len(members) == 2  # the default config is an ensemble of two
+    net = EnsembleForExport(members).eval()
     with torch.no_grad():
         ref_logit, ref_cam = net(torch.from_numpy(x))
     logit, cam = pred.run(x)
