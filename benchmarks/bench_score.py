@@ -161,7 +161,7 @@ def main() -> int:
     ap.add_argument(
         "--engines", default=",".join(ENGINES), help="comma-separated subset of one,pool,ray"
     )
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8, help="as pneumonia score's default")
     ap.add_argument(
         "--workdir", type=Path, help="keep the input and outputs here (default: a temp dir)"
     )

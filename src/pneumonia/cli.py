@@ -308,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--engine", choices=["local", "ray"], default="local", help="default: local")
     sc.add_argument("--address", help="Ray cluster for --engine ray (default: start Ray here)")
     sc.add_argument("--workers", type=int, help="processes or Ray actors (default: CPUs)")
-    sc.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
+    # 8, not 32: on the shipped model a batch of 32 held ~160 MB more activations per worker
+    # for ~3% more images/s (1,872 films, one worker: 237 MB at 8, 394 MB at 32).
+    sc.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
     sc.add_argument("--path-column", default="path", help="manifest column of image paths")
     sc.add_argument("--id-column", default="id", help="Parquet-of-bytes column of image ids")
     sc.add_argument("--bytes-column", help="Parquet-of-bytes image column (default: binary column)")

@@ -61,7 +61,7 @@ def score_archive(
     *,
     engine: str = "local",
     workers: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = 8,
     part_rows: int = 1000,
     address: str | None = None,
     progress: bool = False,
