@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.cli import main as cli_main
+from pneumonia.preprocess import decode_gray
 from pneumonia.serve.app import create_app
 from pneumonia.serve.settings import Settings
 from serve_util import dicom_bytes, png16_bytes, png_bomb
@@ -177,10 +178,15 @@ def test_dicom_rescale_and_window_are_applied(client: TestClient) -> None:
     # A linear rescale alone changes nothing after min-max scaling...
     rescaled = upload(client, dicom_bytes(gray12, slope=2.0, intercept=-1024.0), "b.dcm")
     assert rescaled.json()["probabilities"]["PNEUMONIA"] == pytest.approx(plain, abs=1e-5)
-    # ...while a narrow window clips the image and so changes the input.
-    windowed = upload(
-        client, dicom_bytes(gray12, slope=2.0, intercept=-1024.0, window=(1500.0, 400.0)), "c.dcm"
-    )
+    # ...while a narrow window clips the image and so changes the input. The window sits inside
+    # the rescaled values (regression: one below them all made a constant image, and the test
+    # passed without showing that windowing works).
+    values = gray12.astype(np.float64) * 2.0 - 1024.0
+    window = (float(np.median(values)), float(np.ptp(values)) / 4)
+    data = dicom_bytes(gray12, slope=2.0, intercept=-1024.0, window=window)
+    gray = decode_gray(data)
+    assert 0.0 < (gray == 0.0).mean() < 0.9 and 0.0 < (gray == 1.0).mean() < 0.9
+    windowed = upload(client, data, "c.dcm")
     assert windowed.status_code == 200
     assert windowed.json()["probabilities"]["PNEUMONIA"] != pytest.approx(plain, abs=1e-5)
 
