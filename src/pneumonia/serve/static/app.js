@@ -4,6 +4,12 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const pct = (p) => (100 * p).toFixed(1) + "%";
+  // Enough decimals that a score and the threshold never print the same beside "<" or "≥".
+  function pctPair(p, t) {
+    let d = 1;
+    while (d < 6 && (100 * p).toFixed(d) === (100 * t).toFixed(d)) d += 1;
+    return [(100 * p).toFixed(d) + "%", (100 * t).toFixed(d) + "%"];
+  }
 
   function show(el, on) { el.hidden = !on; }
 
@@ -17,10 +23,11 @@
     label.textContent = r.prediction;
     label.className = "label " + r.prediction;
     const pPneumonia = r.probabilities.PNEUMONIA;
+    const [pShown, tShown] = pctPair(pPneumonia, r.threshold);
     $("probability").textContent =
       pct(r.probability) + " probability of " + r.prediction +
-      " · P(PNEUMONIA) " + pct(pPneumonia) + (pPneumonia >= r.threshold ? " ≥ " : " < ") +
-      "threshold " + pct(r.threshold);
+      " · P(PNEUMONIA) " + pShown + (pPneumonia >= r.threshold ? " ≥ " : " < ") +
+      "threshold " + tShown;
     $("meter-fill").style.width = pct(pPneumonia);
     $("meter-threshold").style.left = pct(r.threshold);
     $("threshold-text").textContent = "threshold " + pct(r.threshold);
