@@ -102,10 +102,23 @@ def png_of_zeros(width: int, height: int) -> bytes:
     )
 
 
-def dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, **attrs: Any) -> bytes:
-    """An uncompressed CR DICOM (Explicit VR Little Endian) holding ``pixels`` (uint16)."""
+def dicom(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits: int = 12,
+    syntax: str = "1.2.840.10008.1.2.1",
+    **attrs: Any,
+) -> bytes:
+    """A CR DICOM holding ``pixels`` (uint16 if 2-D, else 8-bit RGB), in transfer ``syntax``
+    (Explicit VR Little Endian, Deflated, or RLE Lossless)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        UID,
+        ExplicitVRLittleEndian,
+        RLELossless,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -115,13 +128,39 @@ def dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, 
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
+    ds.Rows, ds.Columns = pixels.shape[:2]
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    if pixels.ndim == 3:
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = pixels.astype(np.uint8).tobytes()
+    else:
+        ds.SamplesPerPixel = 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+        ds.PixelData = pixels.astype("<u2").tobytes()
     for key, value in attrs.items():
         setattr(ds, key, value)
-    ds.PixelData = pixels.astype("<u2").tobytes()
+    if syntax == RLELossless:
+        ds.compress(RLELossless)
+    else:
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _jpeg_dicom(g16: np.ndarray) -> bytes:
+    """An 8-bit grayscale DICOM in the JPEG Baseline transfer syntax (one fragment)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = pydicom.dcmread(io.BytesIO(dicom(np.zeros((8, 8), np.uint16))))
+    ds.Rows, ds.Columns = g16.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([_save(_gray8(g16), "JPEG", quality=90)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -161,6 +200,10 @@ CASES: dict[str, Callable[[np.ndarray], bytes]] = {
         g >> 4, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=2500, WindowWidth=3000
     ),
     "DICOM VOI LUT": _voi_lut_dicom,
+    "DICOM RGB 8-bit": lambda g: dicom(np.dstack([g >> 8] * 3), "RGB"),
+    "DICOM deflated": lambda g: dicom(g >> 4, syntax="1.2.840.10008.1.2.1.99"),
+    "DICOM RLE": lambda g: dicom(g >> 4, syntax="1.2.840.10008.1.2.5"),
+    "DICOM JPEG baseline": _jpeg_dicom,
 }
 
 

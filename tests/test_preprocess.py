@@ -149,6 +149,25 @@ def test_large_jpeg_draft_decode_matches_full_decode() -> None:
     assert np.abs(fast - slow).mean() < 0.02
 
 
+@pytest.mark.parametrize("kind", ["png-RGBA", "png-16bit", "dicom-window"])
+def test_large_images_reduced_before_float_match_the_full_computation(kind: str) -> None:
+    """Images four times the input size are box-averaged by whole pixels before the resize
+    (what keeps decoding memory small); the model input stays that of the full decode."""
+    spec = PreprocessSpec()
+    g = _large_original()  # 2000x1600: reduced by 4 (1600 // 384) to 500x400
+    data = {
+        "png-RGBA": lambda: save(Image.fromarray(g).convert("RGBA"), "PNG"),
+        "png-16bit": lambda: save(Image.fromarray(g.astype(np.uint16) * 257), "PNG"),
+        "dicom-window": lambda: dicom_bytes(
+            g.astype(np.uint16) * 16, WindowCenter=2000, WindowWidth=2500
+        ),
+    }[kind]()
+    assert decode_gray(data, draft_size=spec.size).shape == (400, 500)
+    fast = preprocess_bytes(data, spec)
+    slow = resize_gray(decode_gray(data), spec)
+    assert np.abs(fast - slow).mean() < 0.005 and np.abs(fast - slow).max() < 0.05
+
+
 def test_original_and_its_224_copy_give_the_same_input() -> None:
     """A 2000x1600 original and the 224x224 RGB JPEG copy made from it (as the training data
     was) must become nearly the same model input."""
@@ -198,16 +217,17 @@ def test_tiny_image_is_refused(fmt: str) -> None:
         preprocess_bytes(save(Image.fromarray(gray(16, 16)), fmt), SPEC)
 
 
-def _png_of_zeros(width: int, height: int, palette: bool) -> bytes:
-    """A valid 1-bit PNG of ``width x height`` that compresses to a few kilobytes."""
+def _png_of_zeros(width: int, height: int, palette: bool, rgba: bool = False) -> bytes:
+    """A valid PNG of ``width x height`` zeros (1-bit gray or palette, or 8-bit RGBA) that
+    compresses to a few kilobytes, or a few hundred for RGBA."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         crc = zlib.crc32(kind + body) & 0xFFFFFFFF
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
-    color_type = 3 if palette else 0
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, color_type, 0, 0, 0)
-    row = b"\x00" * (1 + (width + 7) // 8)
+    color_type, depth = (6, 8) if rgba else (3 if palette else 0, 1)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    row = b"\x00" * (1 + (4 * width if rgba else (width + 7) // 8))
     comp = zlib.compressobj(9)
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
     plte = chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") if palette else b""
@@ -232,6 +252,91 @@ def test_decompression_bomb_is_refused_before_decoding(
     with pytest.raises(DecompressionBombError) as e:
         preprocess_bytes(data, SPEC)
     assert (e.value.code, e.value.status) == ("decompression_bomb", 422)
+
+
+def _jpeg_claiming(width: int, height: int, **kw: Any) -> bytes:
+    """A small real JPEG whose frame header claims ``width x height`` (its data is too short)."""
+    data = bytearray(save(Image.fromarray(gray()).convert("RGB"), "JPEG", **kw))
+    sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        # Legal sizes, but the decoders would hold more than MAX_DECODE_BYTES (64 MiB):
+        (lambda: _png_of_zeros(4097, 4097, False, rgba=True), "RGBA PNG"),  # 4 bytes a pixel
+        (lambda: _jpeg_claiming(4300, 3500, progressive=True, subsampling=0), "RGB JPEG"),
+    ],
+    ids=["rgba-png-4097x4097", "progressive-jpeg-4300x3500-4:4:4"],
+)
+def test_images_whose_decoding_would_hold_too_much_are_refused_before_decoding(
+    data: Any, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_load(self: Any) -> None:
+        raise AssertionError("the pixels were decoded")
+
+    encoded = data()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    with pytest.raises(DecompressionBombError, match=f"{what} would take .* MiB"):
+        preprocess_bytes(encoded, SPEC)
+
+
+def test_the_same_size_as_baseline_jpeg_is_not_refused() -> None:
+    """A baseline JPEG is decoded at 1/8 scale without holding its coefficients (libjpeg
+    fills the rows its short data lacks)."""
+    assert preprocess_bytes(_jpeg_claiming(4300, 3500, subsampling=0), SPEC).shape == (1, 64, 64)
+
+
+def test_compressed_dicom_whose_decoding_would_hold_too_much_is_refused() -> None:
+    """pydicom holds an RLE frame three times over: 16-bit 4300x3500 would need ~100 MB."""
+    from pydicom.uid import RLELossless
+
+    data = dicom_bytes(
+        None, transfer_syntax=RLELossless, encapsulated=b"\x00" * 64, Rows=3500, Columns=4300
+    )
+    with pytest.raises(DecompressionBombError, match="4300x3500 DICOM would take"):
+        preprocess_bytes(data, SPEC)
+
+
+_PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from pneumonia.preprocess import PreprocessSpec, preprocess_bytes
+spec = PreprocessSpec(size=192)
+data = Path(sys.argv[1]).read_bytes()
+preprocess_bytes(Path(sys.argv[2]).read_bytes(), spec)  # load what decoding loads
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert preprocess_bytes(data, spec).shape == (1, 192, 192)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "rgba"),
+    [(8000, 7999, False), (4096, 4096, True)],
+    ids=["1-bit-8000x7999", "rgba-4096x4096"],
+)
+def test_decoding_a_large_legal_image_stays_within_bounded_memory(
+    width: int, height: int, rgba: bool, tmp_path: Any
+) -> None:
+    """Regression: images under the pixel limit cost ~9 bytes a pixel as float copies, so a
+    62 KB 8000x7999 PNG of zeros (not a bomb: within the limit) took one decode to +643 MiB
+    on a 256 MB box. Now each decoder holds at most MAX_DECODE_BYTES (64 MiB); 150 MB is a
+    generous bound. Measured in a fresh process (its peak resident memory)."""
+    import subprocess
+    import sys
+
+    image, warm = tmp_path / "image.png", tmp_path / "warm.png"
+    image.write_bytes(_png_of_zeros(width, height, False, rgba=rgba))
+    warm.write_bytes(_png_of_zeros(400, 400, False, rgba=rgba))
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(image), str(warm)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )
+    added_mb = int(out.stdout.split()[-1]) * 1024 / 1e6  # ru_maxrss is in KiB on Linux
+    assert added_mb < 150
 
 
 def test_image_errors_are_value_errors_with_a_message() -> None:

@@ -74,12 +74,12 @@ def _reference_decode_dicom(data: bytes) -> np.ndarray:
     return out
 
 
-def _reference_decode(data: bytes, draft_size: int) -> np.ndarray:
+def _reference_decode(data: bytes, draft_size: int | None) -> np.ndarray:
     if data[128:132] == b"DICM":
         return _reference_decode_dicom(data)
     fmt = "jpeg" if data.startswith(b"\xff\xd8\xff") else "png"
     img: Image.Image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
-    if fmt == "jpeg" and img.mode in ("RGB", "L"):
+    if fmt == "jpeg" and draft_size is not None and img.mode in ("RGB", "L"):
         img.draft("L", (draft_size, draft_size))
     img.load()
     if fmt == "jpeg":
@@ -168,7 +168,8 @@ def _eight_bit(ds: Any) -> None:
 
 def _garbage_high_bits(ds: Any) -> None:
     g = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns)
-    ds.PixelData = (g | 0xA000).astype("<u2").tobytes()  # bits above Bits Stored (12) set
+    noise = np.where(np.arange(g.shape[1]) % 3 == 0, 0xA000, 0x3000).astype(np.uint16)
+    ds.PixelData = (g | noise).astype("<u2").tobytes()  # bits above Bits Stored (12) set
 
 
 def _rle(ds: Any) -> None:
@@ -268,3 +269,16 @@ def test_the_inputs_are_the_kinds_they_claim() -> None:
     assert modes["png-LA"] == "LA" and modes["png-P-transparent"] == "P"
     assert modes["png-RGBA"] == "RGBA" and modes["png-16bit"].startswith("I")
     assert Image.open(io.BytesIO(KINDS["jpeg-progressive"](g))).info.get("progressive")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_full_resolution_decode_converts_in_strips_exactly(kind: str) -> None:
+    """Without a draft size nothing is reduced; a 900x700 image is converted in several strips
+    of rows, which must join into exactly the whole image's conversion."""
+    data = KINDS[kind](_gray(900, 700, seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _reference_decode(data, None)
+        gray = decode_gray(data)
+    assert gray.shape == expected.shape and expected.size > 2 * 2**18  # more than two strips
+    np.testing.assert_array_equal(gray, expected)

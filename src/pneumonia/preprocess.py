@@ -10,6 +10,17 @@ and a 2000x1600 original go through exactly the same steps:
 3. stretch to ``size x size`` (aspect ratio not kept, as the Kermany copies were made) with
    antialiased bilinear interpolation in float32.
 
+Large images are reduced on the way, so that one decode never holds a full-size float copy:
+JPEGs at least twice ``size`` per side are decoded at a reduced DCT scale (1/2, 1/4 or 1/8,
+never below ``size`` per side), and step 2 runs a strip of rows at a time and averages images
+at least four times ``size`` per side over boxes of whole pixels, keeping each side at least
+``2 * size``. Both are size-dependent approximations of the averaging in step 3 (LUTs and
+windows are still applied per full-resolution pixel, before it). Images up to twice ``size``
+per side (the 224x224 training copies at size 192) are never reduced: their input is
+bit-identical to the full computation's, as tests/test_preprocess_contract.py pins. What the
+decoders themselves hold is checked from the header first (``MAX_DECODE_BYTES``);
+benchmarks/bench_decode_memory.py measures what one decode costs.
+
 Per-image standardisation (zero mean, unit variance) happens inside the network itself, so
 exposure and contrast constants never have to be copied anywhere else.
 """
@@ -18,21 +29,38 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageOps
 
 #: Decoded images larger than this are refused as decompression bombs (about 8k x 8k).
 MAX_PIXELS = 64_000_000
+#: Most memory the decoders may hold for one image, estimated from its header before decoding;
+#: more is refused as a decompression bomb. It counts Pillow's decoded image (1 byte a pixel for
+#: 1- and 8-bit gray and palette PNGs and for the reduced-scale decode of a JPEG, 2 for 16-bit
+#: gray, 4 for colour or alpha), libjpeg's coefficients of a progressive JPEG (2 bytes a pixel
+#: per full-resolution channel, however small the reduced decode), and pydicom's copies of a
+#: compressed, deflated or colour DICOM frame (an uncompressed grayscale frame is read where it
+#: lies in the upload). 64 MiB takes a 4300x3500 RGB PNG (60 MB): colour PNGs up to 4096x4096.
+MAX_DECODE_BYTES = 64 << 20
 #: Smaller images carry too little information to classify.
 MIN_SIDE = 32
-#: Most bytes a Deflated DICOM dataset may inflate to: the largest image accepted at 16 bits
-#: per pixel, plus 1 MiB of header.
-MAX_INFLATED_BYTES = 2 * MAX_PIXELS + (1 << 20)
+#: Most bytes a Deflated DICOM dataset may inflate to (pydicom holds it whole while the frame is
+#: read from it): the decode budget plus 1 MiB of header.
+MAX_INFLATED_BYTES = MAX_DECODE_BYTES + (1 << 20)
+#: Images are converted to float a strip of about this many pixels at a time.
+_STRIP_PIXELS = 1 << 18
+#: Bytes a pixel takes in Pillow's memory, by mode; any other mode takes 4.
+_PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: DICOM values larger than this (the pixel data) are not copied out of the upload when the
+#: file is parsed; every lookup table (at most 65536 entries of 2 bytes) is smaller.
+_DICOM_DEFER_BYTES = 1 << 20
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -220,19 +248,157 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+def _check_decode_bytes(need: int, what: str, advice: str) -> None:
+    if need > MAX_DECODE_BYTES:
+        raise DecompressionBombError(
+            f"decoding this {what} would take {need / 2**20:.0f} MiB, over the limit of "
+            f"{MAX_DECODE_BYTES >> 20} MiB; {advice} before uploading"
+        )
+
+
+def _reduction(width: int, height: int, draft_size: int | None) -> tuple[int, int]:
+    """Integer factors (x, y) by which a decoded image is box-averaged before the resize.
+
+    The shorter side stays at least ``2 * draft_size``: images under four times that per side
+    are not reduced, and the final resize still averages over two or more pixels. Both axes
+    share the factor (the aspect ratio is kept, as heatmap overlays need) unless the image is
+    over 4:1; then the longer side is reduced further, to under ``16 * draft_size``. So the
+    reduced image has fewer than ``64 * draft_size**2`` pixels, whatever was uploaded.
+    """
+    if draft_size is None:
+        return 1, 1
+    short, long = min(width, height), max(width, height)
+    factor = max(1, short // (2 * draft_size))
+    long_factor = max(factor, long // (8 * draft_size))
+    return (long_factor, factor) if width >= height else (factor, long_factor)
+
+
+def _box_reduce(arr: np.ndarray, fx: int, fy: int) -> np.ndarray:
+    """Mean of every ``fy x fx`` box of a 2-D array (boxes at the far edges may be partial).
+
+    Returns ``arr`` itself when both factors are 1, else a new float64 array.
+    """
+    out = arr
+    for axis, factor in ((0, fy), (1, fx)):
+        if factor > 1:
+            starts = np.arange(0, arr.shape[axis], factor)
+            counts = np.diff(np.append(starts, arr.shape[axis]))
+            out = np.add.reduceat(out, starts, axis=axis, dtype=np.float64)
+            out /= counts[:, None] if axis == 0 else counts[None, :]
+    return out
+
+
+def _strip_rows(width: int, fy: int) -> int:
+    """Rows per strip: about ``_STRIP_PIXELS`` pixels, a whole number of reduction boxes."""
+    return max(1, _STRIP_PIXELS // (max(width, 1) * fy)) * fy
+
+
+def _pil_gray_reduced(img: Image.Image, fx: int, fy: int) -> np.ndarray:
+    """``_pil_to_gray(img)`` box-reduced by (fx, fy), float32.
+
+    Converted a strip of rows at a time, so no full-size RGBA or float copy of a large image
+    exists; every step of ``_pil_to_gray`` is per pixel, so the strips join into exactly the
+    whole image's conversion.
+    """
+    width, height = img.size
+    rows = _strip_rows(width, fy)
+    if rows >= height:
+        return np.asarray(_box_reduce(_pil_to_gray(img), fx, fy), dtype=np.float32)
+    out = np.empty((-(-height // fy), -(-width // fx)), dtype=np.float32)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        strip = _box_reduce(_pil_to_gray(img.crop(box)), fx, fy)
+        out[top // fy : top // fy + strip.shape[0]] = strip
+    return out
+
+
+#: Start-of-frame markers of progressive JPEGs (Huffman or arithmetic, plain or differential).
+_JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def _jpeg_buffers_coefficients(data: bytes, components: int) -> bool:
+    """Whether libjpeg holds every DCT coefficient of the image while decoding it.
+
+    It does when the image comes in several scans: progressive, or a first scan that carries
+    fewer than all components. Walks the header's markers up to the first scan; anything
+    unexpected counts as yes.
+    """
+    pos = 2
+    while pos + 4 < len(data):
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        elif marker in _JPEG_PROGRESSIVE_SOF:
+            return True
+        elif marker == 0xDA:  # start of scan: its component count follows the length
+            return data[pos + 4] < components
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return True
+
+
+def _jpeg_coefficient_bytes(width: int, height: int, layers: list[tuple[int, int, int, int]]) -> int:
+    """Bytes of libjpeg's whole-image coefficient buffers: 64 2-byte values per 8x8 block of
+    every component, at its own sampling."""
+    hmax = max((h for _, h, _, _ in layers), default=1) or 1
+    vmax = max((v for _, _, v, _ in layers), default=1) or 1
+    blocks = sum(
+        math.ceil(width * h / hmax / 8) * math.ceil(height * v / vmax / 8)
+        for _, h, v, _ in layers
+    )
+    return 128 * blocks
+
+
+def _pil_decode_bytes(img: Image.Image, data: bytes, fmt: str, width: int, height: int) -> int:
+    """What decoding ``img`` will hold: Pillow's image at its (possibly reduced) decode size,
+    plus libjpeg's coefficients of the full-size ``width x height`` image if it buffers them."""
+    need = img.size[0] * img.size[1] * _PIL_PIXEL_BYTES.get(img.mode, 4)
+    layers = getattr(img, "layer", None)
+    if fmt == "jpeg" and layers and _jpeg_buffers_coefficients(data, len(layers)):
+        need += _jpeg_coefficient_bytes(width, height, layers)
+    return need
+
+
+def _jpeg_draft(img: Image.Image, draft_size: int) -> None:
+    """Ask libjpeg for a reduced DCT scale (1/2, 1/4, 1/8); Pillow keeps both sides >= draft_size."""
+    if img.mode in ("RGB", "L"):
+        img.draft("L", (draft_size, draft_size))  # gray straight from the luma channel
+    elif max(img.size) > 2 * draft_size:
+        # CMYK: scale only. Never within twice the size, where it was always decoded in full.
+        img.draft(img.mode, (draft_size, draft_size))
+
+
+def _exif_transpose(gray: np.ndarray, img: Image.Image) -> np.ndarray:
+    """Turn a decoded JPEG's gray image as its EXIF orientation says (as a viewer shows it)."""
+    oriented = Image.fromarray(gray)
+    oriented.info = dict(img.info)  # where exif_transpose reads the orientation
+    return np.asarray(ImageOps.exif_transpose(oriented), dtype=np.float32)
+
+
 def _decode_pillow(data: bytes, fmt: str, draft_size: int | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
-            _check_dimensions(*img.size)
-            if fmt == "jpeg" and draft_size is not None and img.mode in ("RGB", "L"):
-                # Decode large JPEGs at a reduced DCT scale; Pillow keeps both sides >= size.
-                img.draft("L", (draft_size, draft_size))
+            width, height, mode = *img.size, img.mode
+            _check_dimensions(width, height)
+            if fmt == "jpeg" and draft_size is not None:
+                _jpeg_draft(img, draft_size)
+            need = _pil_decode_bytes(img, data, fmt, width, height)
+            _check_decode_bytes(
+                need,
+                f"{width}x{height} {mode} {fmt.upper()}",
+                "downscale it, or save it as 8-bit grayscale PNG or baseline JPEG,",
+            )
             img.load()
-            if fmt == "jpeg":
-                img = ImageOps.exif_transpose(img)
-            return _pil_to_gray(img)
+            gray = _pil_gray_reduced(img, *_reduction(*img.size, draft_size))
+            # Orientation last: the conversion is per pixel, so turning the small gray image
+            # gives what turning the decoded one did.
+            return _exif_transpose(gray, img) if fmt == "jpeg" else gray
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -284,16 +450,42 @@ def _decodable_syntax(tsyntax: Any) -> bool:
     return str(tsyntax) in _DICOM_COMPRESSED_ALLOWED and _has_decoder(tsyntax)
 
 
-def _check_inflated_size(data: bytes) -> None:
-    """Refuse a Deflated DICOM whose dataset inflates past ``MAX_INFLATED_BYTES``.
-
-    pydicom inflates the whole dataset in memory before reading a single element, so a
-    300 KB upload of deflated zeros cost 600 MB; this counts the inflated bytes first, in
-    chunks, keeping none of them.
+def _inflated_chunks(data: bytes, start: int) -> Iterator[bytes]:
+    """The raw deflate stream ``data[start:]`` inflated, at most 1 MiB at a time.
 
     Raises:
-        DecompressionBombError: the dataset inflates past the limit.
+        zlib.error: the stream is corrupt or cut short.
     """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    step = 1 << 16
+    for pos in range(start, len(data), step):
+        pending = data[pos : pos + step]
+        while pending:
+            yield inflater.decompress(pending, 1 << 20)
+            pending = inflater.unconsumed_tail
+    yield inflater.flush()
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated deflate stream")
+
+
+def _read_dicom(data: bytes) -> tuple[Any, bytes | mmap.mmap, int]:
+    """Parse a DICOM file, leaving its pixel data where it lies.
+
+    Values over ``_DICOM_DEFER_BYTES`` (the pixel data) are not read (``defer_size``); the
+    returned source holds them at the offsets the dataset records. That is ``data`` itself,
+    except for a Deflated dataset: pydicom inflates those whole in memory before reading a
+    single element (a 300 KB upload of deflated zeros cost 600 MB) and holds the output twice
+    while joining it, so here the inflated bytes are counted first, in chunks, keeping none of
+    them, then inflated again into one buffer of exactly that size.
+
+    Returns:
+        The dataset, the bytes its offsets refer to, and the inflated size (0 if not Deflated).
+
+    Raises:
+        DecompressionBombError: the dataset inflates past ``MAX_INFLATED_BYTES``.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filereader import read_dataset
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -302,35 +494,132 @@ def _check_inflated_size(data: bytes) -> None:
     # The file meta group (0002) is always Explicit VR Little Endian and never deflated.
     meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2)
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        return pydicom.dcmread(io.BytesIO(data), defer_size=_DICOM_DEFER_BYTES), data, 0
     inflated = 0
-    step = 1 << 16
-    for start in range(fp.tell(), len(data), step):
-        pending = data[start : start + step]
-        while pending and inflated <= MAX_INFLATED_BYTES:
-            inflated += len(inflater.decompress(pending, 1 << 20))
-            pending = inflater.unconsumed_tail
+    for chunk in _inflated_chunks(data, fp.tell()):
+        inflated += len(chunk)
         if inflated > MAX_INFLATED_BYTES:
             raise DecompressionBombError(
                 f"the Deflated DICOM dataset inflates to over {MAX_INFLATED_BYTES:,} bytes; "
                 "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
             )
+    if not inflated:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset(meta)
+        return ds, b"", 0
+    source = mmap.mmap(-1, inflated)  # anonymous memory, readable as a file and as a buffer
+    for chunk in _inflated_chunks(data, fp.tell()):
+        source.write(chunk)
+    source.seek(0)
+    ds = read_dataset(cast(BinaryIO, source), False, True, defer_size=_DICOM_DEFER_BYTES)
+    ds.file_meta = FileMetaDataset(meta)
+    return ds, source, inflated
 
 
-def _decode_dicom(data: bytes) -> np.ndarray:
-    import pydicom
+def _dicom_decode_bytes(ds: Any, tsyntax: Any, rows: int, cols: int, inflated: int) -> int:
+    """What reading the first frame will hold besides the upload (see ``MAX_DECODE_BYTES``;
+    measured by benchmarks/bench_decode_memory.py)."""
+    from pydicom.uid import RLELossless
+
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    sample_bytes = max(1, int(ds.get("BitsAllocated", 16) or 16) // 8)
+    frame = rows * cols * samples * sample_bytes
+    if tsyntax is not None and tsyntax.is_encapsulated:
+        # The fragments as read, the array, and what the decoder holds while filling it: RLE
+        # decodes into a buffer of the frame's size, a segment (one byte of each sample,
+        # growing in 1/8 steps) at a time; the JPEG plugin has Pillow decode the frame (4
+        # bytes a pixel if colour) and copies that image out.
+        if tsyntax == RLELossless:
+            own = frame + (9 * frame) // (8 * sample_bytes)
+        else:
+            own = rows * cols * (4 if samples > 1 else 1) + frame
+        return len(ds.PixelData) + frame + own
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    bits_stored = int(ds.get("BitsStored", 0) or 0)
+    view = (
+        ds.get("BitsAllocated") in (8, 16, 32)
+        and not photometric.startswith("YBR")
+        and not (samples > 1 and bits_stored < 8 * sample_bytes)
+        and (tsyntax is None or tsyntax.is_little_endian)
+    )
+    # Else a copy: byte-swapped, unpacked from bits, colour-converted or colour bits cleared.
+    return inflated + (0 if view else frame)
+
+
+def _dicom_frame(ds: Any, source: bytes | mmap.mmap) -> tuple[np.ndarray, int]:
+    """The first frame's stored values, and the unused high bits still to clear from them.
+
+    Uncompressed pixel data left in ``source`` by :func:`_read_dicom` is decoded as a
+    read-only view into it, not a copy (unless byte-swapped, unpacked or colour-converted).
+    The bits above Bits Stored are then cleared by the caller, a strip at a time, as pydicom
+    would (``correct_unused_bits``) on a full copy; colour samples are cleared by pydicom,
+    which does it before converting them. Pixel data read with the dataset (compressed, or
+    small) is decoded by pydicom.
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.pixels import as_pixel_options, get_decoder, pixel_array
+
+    unused_bits = max(0, int(ds.get("BitsAllocated", 0) or 0) - int(ds.get("BitsStored", 0) or 0))
+    opts: dict[str, Any] = {"correct_unused_bits": False}
+    if unused_bits and int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        opts, unused_bits = {}, 0
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if not (isinstance(elem, RawDataElement) and elem.value is None):
+        return pixel_array(ds, index=0, **opts), unused_bits
+    value = memoryview(source)[elem.value_tell : elem.value_tell + elem.length]
+    options = as_pixel_options(ds, pixel_keyword="PixelData", view_only=True, **opts)
+    frame, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(value, index=0, **options)
+    return frame, unused_bits
+
+
+def _dicom_gray(
+    frame: np.ndarray, unused_bits: int, ds: Any, fx: int, fy: int
+) -> tuple[np.ndarray, float, float]:
+    """The frame's values after modality LUT and VOI LUT / window, box-reduced by (fx, fy).
+
+    Works a strip of rows at a time, in float64 (values after an absurd rescale slope
+    overflow float32), so only strips are ever full-size float. The LUTs and the window are
+    applied per pixel at full resolution, before any averaging: the window is not linear,
+    so averaging first would blur its edges differently at every image size. With both
+    factors 1 the strips join into exactly the whole frame's values.
+
+    Returns:
+        The (reduced) values, and the least and greatest full-resolution value (NaN if any
+        value was NaN), for the min-max scaling.
+    """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    height, width = frame.shape[:2]
+    rows = _strip_rows(width, fy)
+    out = np.empty((-(-height // fy), -(-width // fx)), dtype=np.float64)
+    lo, hi = np.inf, -np.inf
+    for top in range(0, height, rows):
+        stored = np.array(frame[top : top + rows])  # a copy: the frame may be a read-only view
+        if unused_bits:
+            np.left_shift(stored, unused_bits, out=stored)
+            np.right_shift(stored, unused_bits, out=stored)
+        if stored.ndim == 3:  # colour DICOM: luma, as Pillow's 'L' conversion does
+            rgb = stored.astype(np.float32)
+            values = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        else:
+            values = apply_voi_lut(apply_modality_lut(stored, ds), ds)
+        values = np.asarray(values, dtype=np.float64)
+        lo, hi = np.minimum(lo, values.min()), np.maximum(hi, values.max())  # NaN propagates
+        reduced = _box_reduce(values, fx, fy)
+        out[top // fy : top // fy + reduced.shape[0]] = reduced
+    return out, float(lo), float(hi)
+
+
+def _decode_dicom(data: bytes, draft_size: int | None) -> np.ndarray:
     try:
-        _check_inflated_size(data)
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds, source, inflated = _read_dicom(data)
         # pydicom converts elements lazily, so a corrupt header field raises on first access
         # (NotImplementedError for an unknown VR, ValueError, ...), not in dcmread.
         has_pixels = "PixelData" in ds
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     except ImageError:
         raise
     except Exception:
@@ -355,30 +644,25 @@ def _decode_dicom(data: bytes) -> np.ndarray:
             "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
         )
     try:
-        pixels = ds.pixel_array
+        need = _dicom_decode_bytes(ds, tsyntax, rows, cols, inflated)
     except Exception:
         raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
+    _check_decode_bytes(
+        need,
+        f"{cols}x{rows} DICOM",
+        "downscale it, or send it uncompressed (Explicit VR Little Endian),",
+    )
     try:
-        if frames > 1:
-            pixels = pixels[0]
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        if pixels.ndim == 3:  # colour DICOM: luma, as Pillow's 'L' conversion does
-            rgb = pixels.astype(np.float32)
-            arr = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        else:
-            arr = apply_modality_lut(pixels, ds)
-            arr = apply_voi_lut(arr, ds)
+        frame, unused_bits = _dicom_frame(ds, source)
+        arr, lo, hi = _dicom_gray(frame, unused_bits, ds, *_reduction(cols, rows, draft_size))
     except Exception:
         raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
-    # Scaled in float64 (in place: the array is ours): in float32, values after an absurd
-    # rescale slope overflow to inf and the min-max scaling gives NaN model input.
-    arr = np.asarray(arr, dtype=np.float64)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
     if not math.isfinite(hi - lo):  # also NaN or inf at either end
         raise UndecodableImageError(
             "the DICOM pixel values are not finite after its rescale slope/intercept and window; "
             "check those header fields"
         )
+    # Min-max scaling is affine, so it commutes with the box averaging done before it.
     if hi > lo:
         arr -= lo
         arr /= hi - lo
@@ -391,19 +675,26 @@ def _decode_dicom(data: bytes) -> np.ndarray:
 
 
 def decode_gray(data: bytes, draft_size: int | None = None) -> np.ndarray:
-    """Decode image bytes to a 2-D float32 grayscale array in [0, 1] at full resolution.
+    """Decode image bytes to a 2-D float32 grayscale array in [0, 1].
 
     Args:
         data: The encoded file.
-        draft_size: If given, JPEGs at least twice this size may be decoded at a reduced
-            scale (never below ``draft_size`` on either side).
+        draft_size: If given, the image may come out reduced (see the module docstring):
+            JPEGs at least twice this size decoded at a reduced scale (never below
+            ``draft_size`` on either side), and images at least four times this size
+            box-averaged by whole pixels (never below ``2 * draft_size``). If None, the
+            full-resolution image (which, as float32, takes 4 bytes a pixel).
 
     Raises:
         ImageError: a subclass naming what is wrong (empty, unsupported, undecodable,
-            too small, decompression bomb).
+            too small, decompression bomb: over ``MAX_PIXELS``, or the decoders would hold
+            over ``MAX_DECODE_BYTES``, which for a JPEG depends on ``draft_size``).
     """
     fmt = sniff_format(data)
-    gray = _decode_dicom(data) if fmt == "dicom" else _decode_pillow(data, fmt, draft_size)
+    if fmt == "dicom":
+        gray = _decode_dicom(data, draft_size)
+    else:
+        gray = _decode_pillow(data, fmt, draft_size)
     if gray.ndim != 2:
         raise UndecodableImageError(f"decoded image has unexpected shape {gray.shape}")
     _check_dimensions(gray.shape[1], gray.shape[0])
