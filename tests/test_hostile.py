@@ -46,10 +46,11 @@ pytestmark = pytest.mark.slow
 MAX_UPLOAD_MB = 2
 #: Ceiling on the server's peak resident memory (VmHWM) over the whole suite. Measured with the
 #: tiny model on a 2-core box (Python 3.11, onnxruntime 1.32): 94 MiB after start-up, 115 MiB
-#: peak over every case here. 200 MiB leaves room for allocator and library differences and
-#: still catches one decoded bomb (the deflated DICOM alone would add its 512 MiB). Images within
-#: the pixel limit are not bombs but cost ~8.6 bytes a pixel while decoded (a 15 KB, 4000x4000
-#: PNG: +137 MiB), so none that large is sent here.
+#: peak over every other case here, 181 MiB with the largest legal image (the 8000x7999 PNG
+#: below, +67 MiB; alone, from start-up: 161 MiB). 200 MiB leaves room for allocator and
+#: library differences and still catches one decoded bomb (the deflated DICOM alone would add
+#: its 512 MiB). That PNG used to cost +643 MiB (~9 bytes a pixel as float copies); the
+#: decoders now hold at most MAX_DECODE_BYTES (64 MiB) and the float work is done in strips.
 RSS_CEILING_MIB = 200
 BOUNDARY = "hostile-7d3f0b"
 LABELS = ("NORMAL", "PNEUMONIA")
@@ -619,6 +620,11 @@ CASES = [
     pytest.param(
         good(lambda: encode(np.tile(xray(32), (1, 200)), "PNG"), path="/predict?heatmap=true"),
         id="png-6400x32-with-heatmap",
+    ),
+    pytest.param(
+        # 62 KB, within the pixel limit: decoded, not refused, and within the memory ceiling.
+        good(lambda: png_raw(8000, 7999, zlib.compress(bytes(8001 * 7999), 9))),
+        id="png-8000x7999-of-zeros",
     ),
     pytest.param(good(lambda: dicom_bytes(4095 - gray12(), "MONOCHROME1")), id="dicom-monochrome1"),
     pytest.param(
