@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -93,6 +94,31 @@ def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
         + png_chunk(b"IDAT", idat)
         + png_chunk(b"IEND", b"")
     )
+
+
+#: Keys every successful /predict answer carries.
+PREDICT_KEYS = {
+    "filename",
+    "prediction",
+    "probability",
+    "probabilities",
+    "threshold",
+    "model",
+    "processing_ms",
+    "request_id",
+}
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(status line and headers, body) of one HTTP response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    while length and len(body) < int(length.group(1)) and (chunk := sock.recv(65536)):
+        body += chunk
+    return head, body
 
 
 def free_port() -> int:

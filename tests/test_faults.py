@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from conftest import jpeg_bytes
 from pneumonia.predictor import CARD_METADATA_KEY, ModelLoadError, Predictor
-from serve_util import ServerProcess, running_server, serve_command
+from serve_util import ServerProcess, read_response, running_server, serve_command
 
 pytestmark = pytest.mark.slow
 
@@ -163,18 +163,6 @@ def multipart_body(data: bytes, filename: str = "x.jpeg") -> bytes:
         + data
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
-
-
-def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    """(status line and headers, body) of one HTTP response with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = re.search(rb"(?im)^content-length: *(\d+)", head)
-    while length and len(body) < int(length.group(1)) and (chunk := sock.recv(65536)):
-        body += chunk
-    return head, body
 
 
 def metric(server: ServerProcess, pattern: str) -> float:

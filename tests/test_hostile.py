@@ -31,11 +31,13 @@ from PIL import Image
 
 from conftest import encode, synthetic_xray
 from serve_util import (
+    PREDICT_KEYS,
     ServerProcess,
     dicom_bytes,
     png16_bytes,
     png_bomb,
     png_chunk,
+    read_response,
     running_server,
     tree_memory_mib,
 )
@@ -54,16 +56,6 @@ MAX_UPLOAD_MB = 2
 RSS_CEILING_MIB = 200
 BOUNDARY = "hostile-7d3f0b"
 LABELS = ("NORMAL", "PNEUMONIA")
-PREDICT_KEYS = {
-    "filename",
-    "prediction",
-    "probability",
-    "probabilities",
-    "threshold",
-    "model",
-    "processing_ms",
-    "request_id",
-}
 # Exception text that must never reach a client.
 _LEAK = re.compile(r"Traceback|File \"|\b[A-Z]\w*(Error|Exception)\b|site-packages|/tmp/|/work/")
 # Unicode bidirectional controls: they make "x\u202egpj.exe" display as "xexe.jpg".
@@ -809,18 +801,6 @@ def test_every_hostile_file_in_one_batch_gets_its_own_answer(hostile: Hostile) -
         else:
             assert result["error"]["code"] == case.code, (case_id, result)
     assert_alive(hostile)
-
-
-def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    """(status line and headers, body) of one HTTP response with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = re.search(rb"(?im)^content-length: *(\d+)", head)
-    while length and len(body) < int(length.group(1)) and (chunk := sock.recv(65536)):
-        body += chunk
-    return head, body
 
 
 def test_endless_chunked_body_is_cut_off_at_the_limit(hostile: Hostile) -> None:

@@ -24,7 +24,7 @@ from pneumonia.cli import main as cli_main
 from pneumonia.preprocess import decode_gray
 from pneumonia.serve.app import create_app
 from pneumonia.serve.settings import Settings
-from serve_util import dicom_bytes, png16_bytes, png_bomb
+from serve_util import PREDICT_KEYS, dicom_bytes, png16_bytes, png_bomb
 
 with warnings.catch_warnings():
     # Starlette 1.x nags about httpx inside its TestClient; the client still works.
@@ -33,16 +33,6 @@ with warnings.catch_warnings():
 
 ERROR_KEYS = {"error"}
 DETAIL_KEYS = {"code", "message"}
-PREDICT_KEYS = {
-    "filename",
-    "prediction",
-    "probability",
-    "probabilities",
-    "threshold",
-    "model",
-    "processing_ms",
-    "request_id",
-}
 
 
 @contextlib.contextmanager
