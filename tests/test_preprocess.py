@@ -550,7 +550,8 @@ def test_jpeg2000_dicom_is_refused_before_decoding() -> None:
 
     from pydicom.uid import JPEG2000Lossless
 
-    data = _dicom_j2k_zero_box(JPEG2000Lossless)
+    zero_length_box = b"\x00\x00\x00\x0cjP  " + b"\0" * 100
+    data = dicom_bytes(np.zeros((64, 64), np.uint16), transfer_syntax=JPEG2000Lossless, encapsulated=zero_length_box)
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         res = pool.apply_async(_decode_error_code, (data,))
@@ -565,27 +566,3 @@ def _decode_error_code(data: bytes) -> str:
     except ImageError as exc:
         return exc.code
     return "decoded"
-
-
-def _dicom_j2k_zero_box(ts: object) -> bytes:
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ts
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows = ds.Columns = 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = encapsulate([b"\x00\x00\x00\x0cjP  " + b"\0" * 100])
-    ds["PixelData"].VR = "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
