@@ -47,7 +47,8 @@ def _best_bias(z: np.ndarray, y: np.ndarray, iters: int = 50) -> float:
         grad, curv = float(np.mean(p - y)), float(np.mean(p * (1 - p)))
         step = grad / max(curv, 1e-12)
         nb = float(np.clip(b - step, -BIAS_BOUND, BIAS_BOUND))
-        while nll(z, y, 1.0, nb) > nll(z, y, 1.0, b) and abs(nb - b) > 1e-12:
+        current = nll(z, y, 1.0, b)
+        while nll(z, y, 1.0, nb) > current and abs(nb - b) > 1e-12:
             nb = (nb + b) / 2  # damp an overshooting step
         if abs(nb - b) < 1e-10:
             return nb
