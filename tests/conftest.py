@@ -62,10 +62,10 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished training run of a tiny CNN (64 px, 2 epochs, the default two members) on the synthetic set."""
-    from pneumonia.config import TrainConfig
-    from pneumonia.model import ModelConfig
     from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.train import train
+    from pneumonia.training.config import TrainConfig
+    from pneumonia.training.model import ModelConfig
+    from pneumonia.training.train import train
 
     cfg = TrainConfig(
         preprocess=PreprocessSpec(size=64),
@@ -84,7 +84,7 @@ def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run exported to ONNX (with its card JSON and Markdown beside it)."""
-    from pneumonia.export import export_run
+    from pneumonia.training.export import export_run
 
     out = tmp_path_factory.mktemp("model") / "model.onnx"
     export_run(tiny_run, out, name="pneumonia-tiny-test")

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pneumonia.augment import AugmentConfig, augment_batch
+from pneumonia.training.augment import AugmentConfig, augment_batch
 
 ALWAYS = AugmentConfig(blur_prob=1.0, noise_prob=1.0, lowres_prob=1.0)
 

@@ -23,8 +23,8 @@ from pneumonia.evaluate import (
     roc_curve,
     threshold_metrics,
 )
-from pneumonia.export import comparison_table
 from pneumonia.plots import plot_report
+from pneumonia.training.export import comparison_table
 
 # Fixed arrays with ties inside and across classes.
 y_ties = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 1])

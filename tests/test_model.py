@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from conftest import synthetic_xray
-from pneumonia.config import TrainConfig
 from pneumonia.data import LoadedImages
-from pneumonia.model import (
+from pneumonia.preprocess import PreprocessSpec
+from pneumonia.training.config import TrainConfig
+from pneumonia.training.model import (
     EnsembleForExport,
     LogisticBaseline,
     ModelConfig,
     PneumoniaCNN,
     build_model,
 )
-from pneumonia.preprocess import PreprocessSpec
-from pneumonia.train import CHECKPOINT, load_member, predict_logits, train_member
+from pneumonia.training.train import CHECKPOINT, load_member, predict_logits, train_member
 
 CONFIGS = {
     "cnn": ModelConfig(arch="cnn", channels=(4, 8, 16), dropout=0.3),

@@ -27,9 +27,9 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
     import torch
 
     from pneumonia.data import list_split, load_images
-    from pneumonia.model import EnsembleForExport
     from pneumonia.predictor import Predictor
-    from pneumonia.train import CHECKPOINT, load_member, member_dirs
+    from pneumonia.training.model import EnsembleForExport
+    from pneumonia.training.train import CHECKPOINT, load_member, member_dirs
 
     pred = Predictor(tiny_model)
     x = load_images(list_split(synthetic_root / "test"), pred.spec).x

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from pneumonia.config import TrainConfig
 from pneumonia.data import grouped_split, list_split, resolve_split
 from pneumonia.preprocess import PreprocessSpec, preprocess_bytes
+from pneumonia.training.config import TrainConfig
 
 pytestmark = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA}"

@@ -33,8 +33,8 @@ def _load_predictor(path: Path | None):  # no return annotation: keeps onnxrunti
 def cmd_train(a: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pneumonia.config import TrainConfig
-    from pneumonia.train import train
+    from pneumonia.training.config import TrainConfig
+    from pneumonia.training.train import train
 
     cfg = TrainConfig.load(a.config) if a.config else TrainConfig()
     cfg = cfg.with_overrides(
@@ -65,7 +65,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    from pneumonia.train import calibrate_run
+    from pneumonia.training.train import calibrate_run
 
     record = calibrate_run(a.run_dir, a.data, threshold_rule=a.threshold_rule, min_sensitivity=a.min_sensitivity)
     print(json.dumps({"run_dir": str(a.run_dir), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"], "bias": record["bias"]}))
@@ -73,7 +73,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pneumonia.export import export_run
+    from pneumonia.training.export import export_run
 
     card = export_run(a.run_dir, a.out, name=a.name)
     print(json.dumps({"model": str(a.out), "sha256": card["sha256"], "bytes": card["bytes"], "threshold": card["threshold"]}))
@@ -141,8 +141,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_card(a: argparse.Namespace) -> int:
-    from pneumonia.export import render_model_card
     from pneumonia.predictor import sidecar_card_path
+    from pneumonia.training.export import render_model_card
 
     card = json.loads(sidecar_card_path(a.model).read_text())
     test = json.loads(a.report.read_text()) if a.report else None

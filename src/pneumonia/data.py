@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.labels import LABELS
 from pneumonia.preprocess import ImageError, PreprocessSpec, preprocess_bytes
 
 log = logging.getLogger(__name__)
 
-#: Class names in label order: index 1 is the positive class.
-LABELS: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm", ".dicom"})
 
 # Patient id rules of the Kermany file names (see the data README).

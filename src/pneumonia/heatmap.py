@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pneumonia.data import LABELS
+from pneumonia.labels import LABELS
 
 #: Overlays are drawn with their longer side at most this many pixels (aspect ratio kept).
 MAX_OVERLAY_SIDE = 512

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pneumonia.calibration import calibrated_probability
-from pneumonia.data import LABELS
+from pneumonia.labels import LABELS
 from pneumonia.preprocess import PreprocessSpec, check_model_input, decode_gray, resize_gray
 
 log = logging.getLogger(__name__)

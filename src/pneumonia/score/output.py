@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from pneumonia.data import LABELS
+from pneumonia.labels import LABELS
 from pneumonia.score.inputs import PARQUET_SUFFIXES, require_pyarrow
 from pneumonia.score.rows import ScoreError, ScoreRow, columns
 

@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumonia.augment import augment_batch
 from pneumonia.calibration import calibrated_probability, fit_calibration, nll
-from pneumonia.config import TrainConfig
 from pneumonia.data import (
     LoadedImages,
     class_counts,
@@ -41,7 +39,9 @@ from pneumonia.evaluate import (
     roc_auc,
     threshold_metrics,
 )
-from pneumonia.model import ModelConfig, build_model
+from pneumonia.training.augment import augment_batch
+from pneumonia.training.config import TrainConfig
+from pneumonia.training.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from pneumonia import __version__
-from pneumonia.config import TrainConfig
-from pneumonia.data import LABELS
+from pneumonia.labels import LABELS
 from pneumonia.predictor import (
     CARD_METADATA_KEY,
     INPUT_NAME,
@@ -22,6 +21,7 @@ from pneumonia.predictor import (
     sha256_file,
     sidecar_card_path,
 )
+from pneumonia.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     import onnx
     import torch
 
-    from pneumonia.model import EnsembleForExport
-    from pneumonia.train import load_member, member_dirs
+    from pneumonia.training.model import EnsembleForExport
+    from pneumonia.training.train import load_member, member_dirs
 
     run_dir, out = Path(run_dir), Path(out)
     cfg = TrainConfig.load(run_dir / "config.json")

@@ -1,4 +1,4 @@
-"""Typed configuration, resolved once and saved with every run; default paths."""
+"""Typed training configuration, resolved once and saved with every run."""
 
 from __future__ import annotations
 
@@ -7,15 +7,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pneumonia.augment import AugmentConfig
-from pneumonia.model import ModelConfig
-
-# The model paths live in the torch-free predictor module so the service can resolve them
-# without importing training code; re-exported here for every command.
-from pneumonia.predictor import MODEL_PATH_ENV, default_model_path, shipped_model_path
 from pneumonia.preprocess import PreprocessSpec
-
-__all__ = ["MODEL_PATH_ENV", "TrainConfig", "default_model_path", "shipped_model_path"]
+from pneumonia.training.augment import AugmentConfig
+from pneumonia.training.model import ModelConfig
 
 
 @dataclass(frozen=True)
