@@ -92,6 +92,10 @@ class PneumoniaCNN(nn.Module):
         cam = torch.einsum("nchw,c->nhw", f, self.head.weight[0]) + self.head.bias[0]
         return cam.mean(dim=(1, 2)), cam
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled penultimate features (N, C) the head reads."""
+        return self.features(x).mean(dim=(2, 3))
+
 
 class LogisticBaseline(nn.Module):
     """Logistic regression on a small, standardised thumbnail (the classical baseline)."""
@@ -114,6 +118,10 @@ class LogisticBaseline(nn.Module):
         w = self.head.weight[0].view(self.grid, self.grid)
         cam = t * w * (self.grid * self.grid) + self.head.bias[0]
         return cam.mean(dim=(1, 2)), cam
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The standardised thumbnail (N, grid * grid) the head reads."""
+        return self._thumb(x).flatten(1)
 
 
 def build_model(cfg: ModelConfig) -> PneumoniaCNN | LogisticBaseline:
