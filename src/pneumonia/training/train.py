@@ -3,7 +3,8 @@
     RUN/config.json            the resolved TrainConfig
     RUN/data.json              counts, skipped files, validation patients
     RUN/member-<seed>/         history.json and best.pt (state dict + configs) per member
-    RUN/calibration.json       temperature and bias, threshold rule and threshold, validation metrics
+    RUN/calibration.json       temperature and bias, threshold rule and threshold, validation
+                               metrics, and the stressed validation (per perturbation, worst case)
     RUN/val_predictions.csv    validation file, label, ensemble logit and probability
 """
 
@@ -42,6 +43,7 @@ from pneumonia.evaluate import (
 from pneumonia.training.augment import augment_batch
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.model import ModelConfig, build_model
+from pneumonia.training.stress import StressedScores, stressed_logits, stressed_report
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,39 @@ def _balanced_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: float) -> t
     return F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when a GPU is present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU; use --device auto or cpu")
+    return torch.device(name)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Raw logits for a stack of preprocessed images, in eval mode."""
+def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 128) -> np.ndarray:
+    """Raw logits for a stack of preprocessed images, in eval mode, on the model's device."""
     model.eval()
-    out = [model(torch.from_numpy(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    dev = _device_of(model)
+    xt = torch.as_tensor(x)
+    out = [model(xt[i : i + batch_size].to(dev)).cpu() for i in range(0, len(xt), batch_size)]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+def _lr_at(step: int, total: int, warmup: int, base: float, schedule: str = "cosine") -> float:
+    if schedule == "onecycle":
+        # torch's OneCycleLR shape (cosine annealing, pct_start 0.3, div 25, final div 1e4).
+        up = max(1, int(0.3 * total))
+        lo, end = base / 25, base / 25 / 1e4
+        if step < up:
+            return lo + (base - lo) * 0.5 * (1 - math.cos(math.pi * step / up))
+        t = (step - up) / max(1, total - up)
+        return end + (base - end) * 0.5 * (1 + math.cos(math.pi * t))
     if step < warmup:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -84,7 +110,8 @@ def train_member(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = build_model(cfg.model)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, load_pretrained=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_pos = int(train.y.sum())
     pos_weight = (len(train.y) - n_pos) / max(1, n_pos)
@@ -113,10 +140,10 @@ def train_member(
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one image
                 continue
-            xb = augment_batch(x_train[idx].clone(), cfg.augment, g)
+            xb = augment_batch(x_train[idx].clone(), cfg.augment, g).to(device)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            loss = _balanced_bce(model(xb), y_train[idx], pos_weight)
+                group["lr"] = _lr_at(step, total, warmup, cfg.lr, cfg.schedule)
+            loss = _balanced_bce(model(xb), y_train[idx].to(device), pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -147,7 +174,7 @@ def train_member(
             best = MemberResult(seed, epoch, val_auc, val_loss, val_logits)
             torch.save(
                 {
-                    "state_dict": model.state_dict(),
+                    "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                     "model_config": cfg.model.to_dict(),
                     "preprocess": cfg.preprocess.to_dict(),
                     "epoch": epoch,
@@ -167,12 +194,18 @@ def train_member(
 
 
 def load_member(path: Path) -> nn.Module:
-    """Rebuild a network from a checkpoint file alone."""
+    """Rebuild a network from a checkpoint file alone (on the CPU)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model
+
+
+def ensemble_stressed(members: list[nn.Module], val: LoadedImages, seed: int) -> StressedScores:
+    """The stressed validation of the members' averaged logits."""
+    scores = [stressed_logits(lambda b, m=m: m.eval()(b.to(_device_of(m))), val.x, val.y, seed) for m in members]
+    return StressedScores(val.y, {k: np.mean([s.logits[k] for s in scores], axis=0) for k in scores[0].logits})
 
 
 def member_dirs(run_dir: Path) -> list[Path]:
@@ -216,23 +249,49 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
         {"seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "val_loss": r.val_loss}
         for r in results
     ]
-    logits = np.mean([r.val_logits for r in results], axis=0)
+    device = resolve_device(cfg.device)
+    nets = [load_member(out / f"member-{r.seed}" / CHECKPOINT).to(device) for r in results]
+    stressed = ensemble_stressed(nets, val_d, cfg.stress_seed)
     summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
-    return _write_calibration(cfg, out, val_d, logits, members, summary)
+    return _write_calibration(cfg, out, val_d, stressed, members, summary)
+
+
+def pick_threshold(cfg: TrainConfig, y: np.ndarray, prob: np.ndarray, pooled_y: np.ndarray, pooled_prob: np.ndarray) -> float:
+    """The operating threshold by ``cfg.threshold_rule`` (see :class:`TrainConfig`)."""
+    if cfg.threshold_rule != "stressed_youden":
+        return choose_threshold(y, prob, cfg.threshold_rule, cfg.min_sensitivity)
+    balanced = choose_threshold(pooled_y, pooled_prob, "youden")
+    # Never above the highest threshold that keeps the clean sensitivity within budget.
+    return min(balanced, choose_threshold(y, prob, "min_sensitivity", cfg.min_sensitivity))
 
 
 def _write_calibration(
     cfg: TrainConfig,
     out: Path,
     val_d: LoadedImages,
-    logits: np.ndarray,
+    stressed: StressedScores,
     members: list[dict[str, Any]],
     data_summary: dict[str, Any],
 ) -> dict[str, Any]:
     """Fit temperature and bias and pick the threshold on validation; write calibration.json."""
-    temperature, bias = fit_calibration(logits, val_d.y)
+    logits = stressed.logits["clean"]
+    pooled_y, pooled_logits = stressed.pooled()
+    if cfg.calibrate_on == "stressed":
+        temperature, bias = fit_calibration(pooled_logits, pooled_y)
+    else:
+        temperature, bias = fit_calibration(logits, val_d.y)
     prob = calibrated_probability(logits, temperature, bias)
-    threshold = choose_threshold(val_d.y, prob, cfg.threshold_rule, cfg.min_sensitivity)
+    pooled_prob = calibrated_probability(pooled_logits, temperature, bias)
+    threshold = pick_threshold(cfg, val_d.y, prob, pooled_y, pooled_prob)
+    stress = stressed_report(
+        val_d.y, {k: calibrated_probability(z, temperature, bias) for k, z in stressed.logits.items()}, threshold
+    )
+    stress["pooled"] = {
+        "nll": nll(pooled_logits, pooled_y, temperature, bias),
+        "ece": expected_calibration_error(pooled_y, pooled_prob),
+        **threshold_metrics(pooled_y, pooled_prob, threshold),
+    }
+    stress["seed"] = cfg.stress_seed
     record = {
         "temperature": temperature,
         "bias": bias,
@@ -248,6 +307,8 @@ def _write_calibration(
             "ece": expected_calibration_error(val_d.y, prob),
             **threshold_metrics(val_d.y, prob, threshold),
         },
+        "calibrate_on": cfg.calibrate_on,
+        "stressed_validation": stress,
         "members": members,
         "data": data_summary,
     }
@@ -258,6 +319,7 @@ def _write_calibration(
         for s, lab, z, p in zip(val_d.samples, val_d.y, logits, prob, strict=True):
             w.writerow([str(s.path), int(lab), f"{z:.6f}", f"{p:.6f}"])
     log.info("validation: %s", json.dumps(record["validation"]))
+    log.info("stressed validation worst case: %s", json.dumps(stress["worst"]))
     return record
 
 
@@ -281,13 +343,15 @@ def calibrate_run(run_dir: Path, data_root: Path | None = None, **overrides: Any
         samples = [samples[i] for i in sorted(rng.choice(len(samples), cfg.max_images, replace=False))]
     _, val_s = grouped_split(samples, cfg.val_fraction, cfg.split_seed)
     val_d = load_images(val_s, cfg.preprocess)
-    members, all_logits = [], []
+    members, nets = [], []
+    device = resolve_device(cfg.device)
     for d in member_dirs(run_dir):
         ckpt = torch.load(d / CHECKPOINT, map_location="cpu", weights_only=True)
         rows = {r["epoch"]: r for r in json.loads((d / "history.json").read_text())}
         best = rows.get(ckpt["epoch"], {})
         members.append({"seed": ckpt["seed"], "best_epoch": ckpt["epoch"], "val_auc": best.get("val_auc"), "val_loss": best.get("val_loss")})
-        all_logits.append(predict_logits(load_member(d / CHECKPOINT), val_d.x))
+        nets.append(load_member(d / CHECKPOINT).to(device))
     cfg.save(run_dir / "config.json")
     summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
-    return _write_calibration(cfg, run_dir, val_d, np.mean(all_logits, axis=0), members, summary)
+    stressed = ensemble_stressed(nets, val_d, cfg.stress_seed)
+    return _write_calibration(cfg, run_dir, val_d, stressed, members, summary)
