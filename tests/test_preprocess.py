@@ -28,6 +28,7 @@ from pneumonia.preprocess import (
     resize_gray,
     sniff_format,
 )
+from pneumonia.serve.errors import image_error_status
 
 SPEC = PreprocessSpec(size=64)
 
@@ -186,13 +187,13 @@ def test_original_and_its_224_copy_give_the_same_input() -> None:
 def test_empty_file() -> None:
     with pytest.raises(EmptyImageError) as e:
         preprocess_bytes(b"", SPEC)
-    assert (e.value.code, e.value.status) == ("empty_file", 400)
+    assert (e.value.code, image_error_status(e.value)) == ("empty_file", 400)
 
 
 def test_text_file_is_unsupported() -> None:
     with pytest.raises(UnsupportedFormatError) as e:
         preprocess_bytes(b"hello, this is not an image\n" * 10, SPEC)
-    assert (e.value.code, e.value.status) == ("unsupported_format", 415)
+    assert (e.value.code, image_error_status(e.value)) == ("unsupported_format", 415)
     assert "JPEG, PNG or DICOM" in e.value.message
 
 
@@ -208,7 +209,7 @@ def test_truncated_file_is_undecodable(fmt: str) -> None:
     data = save(Image.fromarray(gray(200, 200)), fmt)
     with pytest.raises(UndecodableImageError) as e:
         preprocess_bytes(data[: len(data) // 2], SPEC)
-    assert (e.value.code, e.value.status) == ("undecodable_image", 422)
+    assert (e.value.code, image_error_status(e.value)) == ("undecodable_image", 422)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -251,7 +252,7 @@ def test_decompression_bomb_is_refused_before_decoding(
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
     with pytest.raises(DecompressionBombError) as e:
         preprocess_bytes(data, SPEC)
-    assert (e.value.code, e.value.status) == ("decompression_bomb", 422)
+    assert (e.value.code, image_error_status(e.value)) == ("decompression_bomb", 422)
 
 
 def _jpeg_claiming(width: int, height: int, **kw: Any) -> bytes:
@@ -452,7 +453,7 @@ def test_dicom_compressed_without_decoder_is_unsupported_transfer_syntax() -> No
     data = dicom_bytes(RAMP, transfer_syntax=JPEGLSLossless, encapsulated=b"\x00" * 64)
     with pytest.raises(UnsupportedTransferSyntaxError, match="JPEG-LS") as e:
         decode_gray(data)
-    assert (e.value.code, e.value.status) == ("unsupported_transfer_syntax", 415)
+    assert (e.value.code, image_error_status(e.value)) == ("unsupported_transfer_syntax", 415)
 
 
 def test_corrupt_data_in_a_decodable_syntax_is_undecodable() -> None:

@@ -49,6 +49,7 @@ from pneumonia.preprocess import (
     preprocess_bytes,
     resize_gray,
 )
+from pneumonia.serve.errors import image_error_status
 from serve_util import dicom_bytes
 
 #: Not a power of two times MIN_SIDE, so JPEG draft decoding meets awkward ratios.
@@ -104,7 +105,7 @@ def outcome(data: bytes) -> np.ndarray | ImageError:
             out = preprocess_bytes(data, SPEC)
     except ImageError as exc:
         assert type(exc) in DOCUMENTED, f"undocumented {type(exc).__name__}: {exc}"
-        assert exc.message and exc.status in (400, 415, 422)
+        assert exc.message and image_error_status(exc) in (400, 415, 422)
         return exc
     assert_model_input(out)
     return out

@@ -84,10 +84,12 @@ _OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
 
 
 class ImageError(ValueError):
-    """An image that cannot become model input; carries a stable code and an HTTP status."""
+    """An image that cannot become model input; carries a stable ``code`` clients may branch on.
+
+    The HTTP status each code answers with is the service's business: pneumonia.serve.errors.
+    """
 
     code = "invalid_image"
-    status = 422
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -96,32 +98,26 @@ class ImageError(ValueError):
 
 class EmptyImageError(ImageError):
     code = "empty_file"
-    status = 400
 
 
 class UnsupportedFormatError(ImageError):
     code = "unsupported_format"
-    status = 415
 
 
 class UnsupportedTransferSyntaxError(ImageError):
     code = "unsupported_transfer_syntax"
-    status = 415
 
 
 class UndecodableImageError(ImageError):
     code = "undecodable_image"
-    status = 422
 
 
 class ImageTooSmallError(ImageError):
     code = "image_too_small"
-    status = 422
 
 
 class DecompressionBombError(ImageError):
     code = "decompression_bomb"
-    status = 422
 
 
 @dataclass(frozen=True)

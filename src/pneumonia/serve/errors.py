@@ -22,6 +22,24 @@ log = logging.getLogger("pneumonia.serve")
 #: Codes for plain HTTP errors raised by the framework (unknown path, wrong method).
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
+#: The HTTP status each preprocessing error code answers with. pneumonia.preprocess knows codes
+#: only (it is shared with training and scoring, which speak no HTTP); tests/test_errors.py
+#: checks that every ImageError subclass has its line here.
+IMAGE_ERROR_STATUS: dict[str, int] = {
+    "invalid_image": 422,
+    "empty_file": 400,
+    "unsupported_format": 415,
+    "unsupported_transfer_syntax": 415,
+    "undecodable_image": 422,
+    "image_too_small": 422,
+    "decompression_bomb": 422,
+}
+
+
+def image_error_status(exc: ImageError) -> int:
+    """The HTTP status an image error answers with."""
+    return IMAGE_ERROR_STATUS[exc.code]
+
 
 class ApiError(Exception):
     """An error answered to the client as-is: status, stable code, actionable message."""
@@ -71,7 +89,7 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _image_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
-    return error_response(exc.status, exc.code, exc.message)
+    return error_response(image_error_status(exc), exc.code, exc.message)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
