@@ -84,12 +84,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from pneumonia.data import list_split, load_images, resolve_split
+    from pneumonia.data import is_npz, load_images, resolve_split, split_samples
     from pneumonia.evaluate import evaluate_predictions, markdown_summary
 
     predictor = _load_predictor(a.model)
-    folder = resolve_split(a.data, "test")
-    loaded = load_images(list_split(folder), predictor.spec, progress=not a.no_progress)
+    folder = a.data / a.split if is_npz(a.data) else resolve_split(a.data, a.split)
+    loaded = load_images(split_samples(a.data, a.split), predictor.spec, progress=not a.no_progress)
     probs = predictor.probabilities(loaded.x)
     ev = evaluate_predictions(
         loaded.y,
@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train on ROOT/train (Kaggle layout) or DIR/{NORMAL,PNEUMONIA}")
-    t.add_argument("--data", type=Path, required=True)
+    t = sub.add_parser("train", help="train on ROOT/train (Kaggle layout), DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz")
+    t.add_argument("--data", type=Path, required=True, help="Kaggle root, split folder, or MedMNIST .npz (its val split is the validation split)")
     t.add_argument("--out", type=Path, required=True, help="run folder to write")
     t.add_argument("--config", type=Path, help="a config.json from an earlier run")
     t.add_argument("--epochs", type=int)
@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="model name in the card (default pneumonia-<arch>)")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("evaluate", help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA}")
-    v.add_argument("--data", type=Path, required=True)
+    v = sub.add_parser("evaluate", help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz")
+    v.add_argument("--data", type=Path, required=True, help="Kaggle root, split folder, or MedMNIST .npz")
+    v.add_argument("--split", choices=["test", "val", "train"], default="test", help="split of a Kaggle root or .npz (default: test)")
     v.add_argument("--json", type=Path, required=True)
     _model_arg(v)
     v.add_argument("--plots", type=Path, help="folder for ROC, PR, confusion, reliability, sweep plots")
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser(
         "score",
-        help="score a folder tree, a manifest or a Parquet of image bytes into Parquet/CSV",
+        help="score a folder tree, a manifest, a Parquet of image bytes or a MedMNIST .npz into Parquet/CSV",
         description="Score every image of INPUT into OUT, one row per image (errors included). "
         "Interrupted runs resume: rerun the same command.",
     )
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "input",
         type=Path,
         help="folder (searched recursively), .csv/.parquet manifest of paths, "
-        "or .parquet of image bytes",
+        ".parquet of image bytes, or a MedMNIST .npz (every split; ids SPLIT/NNNNN)",
     )
     sc.add_argument("--out", type=Path, required=True, help="results file, .parquet or .csv")
     _model_arg(sc)

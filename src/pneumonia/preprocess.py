@@ -710,6 +710,17 @@ def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     return resize_gray(decode_gray(data, draft_size=spec.size), spec)
 
 
+def preprocess_uint8(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """One model input from a uint8 grayscale array (H, W), e.g. a MedMNIST image.
+
+    The same scaling as an 8-bit grayscale file through :func:`decode_gray` (value / 255),
+    without its decoder limits: MedMNIST's 28-pixel images are data, not a bad upload.
+    """
+    if gray.dtype != np.uint8 or gray.ndim != 2:
+        raise ValueError(f"expected a uint8 (H, W) array, got {gray.dtype} {gray.shape}")
+    return resize_gray(gray.astype(np.float32) / 255.0, spec)
+
+
 def check_model_input(batch: np.ndarray, spec: PreprocessSpec) -> None:
     """Refuse arrays that break the input contract (shape, dtype, finite values in range)."""
     if batch.dtype != np.float32:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.predictor import Predictor, available_cpus
-from pneumonia.score.inputs import FolderSource, ManifestSource, ParquetBytesSource
+from pneumonia.score.inputs import FolderSource, ManifestSource, NpzSource, ParquetBytesSource
 from pneumonia.score.output import ScoreOutput
 from pneumonia.score.rows import ScoreError
 
@@ -55,7 +55,7 @@ class ScoreSummary:
 
 
 def score_archive(
-    source: FolderSource | ManifestSource | ParquetBytesSource,
+    source: FolderSource | ManifestSource | ParquetBytesSource | NpzSource,
     out: Path,
     model_path: Path,
     *,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.predictor import Predictor
-from pneumonia.score.inputs import FolderSource, ManifestSource, ParquetBytesSource
+from pneumonia.score.inputs import FolderSource, ManifestSource, NpzSource, ParquetBytesSource
 from pneumonia.score.local import batched
 from pneumonia.score.output import ParquetFormat
 from pneumonia.score.rows import Item, ScoreError, ScoreRow, score_items
@@ -72,7 +72,7 @@ class RayScorer:
 
 
 def iter_ray(
-    source: FolderSource | ManifestSource | ParquetBytesSource,
+    source: FolderSource | ManifestSource | ParquetBytesSource | NpzSource,
     model_path: Path,
     predictor: Predictor,
     skip: frozenset[str],

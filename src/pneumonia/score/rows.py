@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from pneumonia.preprocess import ImageError
+from pneumonia.preprocess import ImageError, preprocess_uint8
 
 if TYPE_CHECKING:
     from pneumonia.predictor import Predictor
@@ -34,11 +34,13 @@ class ScoreError(ValueError):
 
 
 class Item(NamedTuple):
-    """One image to score: its key and either a file to read or the bytes themselves."""
+    """One image to score: its key and a file to read, the bytes themselves, or (a MedMNIST
+    .npz image) its uint8 grayscale pixels."""
 
     key: str
     path: str | None = None
     data: bytes | None = None
+    pixels: np.ndarray | None = None
 
 
 class ScoreRow(NamedTuple):
@@ -81,6 +83,10 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
     arrays: list[np.ndarray] = []
     good: list[tuple[int, str]] = []
     for i, item in enumerate(items):
+        if item.pixels is not None:
+            arrays.append(preprocess_uint8(item.pixels, predictor.spec))
+            good.append((i, hashlib.sha256(item.pixels.tobytes()).hexdigest()))
+            continue
         try:
             data = item.data if item.path is None else Path(item.path).read_bytes()
         except OSError as exc:

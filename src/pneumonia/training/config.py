@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pneumonia.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.training.augment import AugmentConfig
 from pneumonia.training.model import ARCHS, ModelConfig
@@ -50,8 +51,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="effnet_lite0"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seeds: tuple[int, ...] = (0,)
-    split_seed: int = 0
-    val_fraction: float = 0.2
+    split_seed: int = DEFAULT_SPLIT_SEED
+    val_fraction: float = DEFAULT_VAL_FRACTION
     epochs: int = 4
     patience: int = 8
     batch_size: int = 32

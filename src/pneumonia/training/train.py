@@ -25,14 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumonia.calibration import calibrated_probability, fit_calibration, nll
-from pneumonia.data import (
-    LoadedImages,
-    class_counts,
-    grouped_split,
-    list_split,
-    load_images,
-    resolve_split,
-)
+from pneumonia.data import LoadedImages, class_counts, load_images, train_val_split
 from pneumonia.evaluate import (
     brier,
     choose_threshold,
@@ -224,17 +217,16 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     cfg.save(out / "config.json")
-    samples = list_split(resolve_split(data_root, "train"))
-    if cfg.max_images is not None and len(samples) > cfg.max_images:
-        rng = np.random.default_rng(cfg.split_seed)
-        samples = [samples[i] for i in sorted(rng.choice(len(samples), cfg.max_images, replace=False))]
-    train_s, val_s = grouped_split(samples, cfg.val_fraction, cfg.split_seed)
+    split = train_val_split(data_root, cfg.val_fraction, cfg.split_seed, cfg.max_images)
+    train_s, val_s = split.train, split.val
     train_d = load_images(train_s, cfg.preprocess, progress=progress)
     val_d = load_images(val_s, cfg.preprocess, progress=progress)
     if len(set(val_d.y.tolist())) < 2 or len(set(train_d.y.tolist())) < 2:
         raise ValueError("both the training and validation splits need images of both classes")
     data_summary: dict[str, Any] = {
         "data_root": str(data_root),
+        "split": split.method,
+        "split_description": split.description,
         "train": class_counts(train_d.y),
         "validation": class_counts(val_d.y),
         "train_patients": len({s.patient for s in train_d.samples}),
@@ -337,11 +329,7 @@ def calibrate_run(run_dir: Path, data_root: Path | None = None, **overrides: Any
     cfg = TrainConfig.load(run_dir / "config.json").with_overrides(**overrides)
     data_summary = json.loads((run_dir / "data.json").read_text())
     root = Path(data_root or data_summary["data_root"])
-    samples = list_split(resolve_split(root, "train"))
-    if cfg.max_images is not None and len(samples) > cfg.max_images:
-        rng = np.random.default_rng(cfg.split_seed)
-        samples = [samples[i] for i in sorted(rng.choice(len(samples), cfg.max_images, replace=False))]
-    _, val_s = grouped_split(samples, cfg.val_fraction, cfg.split_seed)
+    val_s = train_val_split(root, cfg.val_fraction, cfg.split_seed, cfg.max_images).val
     val_d = load_images(val_s, cfg.preprocess)
     members, nets = [], []
     device = resolve_device(cfg.device)
