@@ -117,3 +117,34 @@ def test_geometry_stays_small() -> None:
 def test_config_round_trips_through_json() -> None:
     cfg = replace(AugmentConfig(), rotate_deg=5.0, gamma=(0.8, 1.2), enabled=False)
     assert AugmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_crops_change_the_aspect_and_only_within_the_range() -> None:
+    """The crop's width / height ratio, read off a stretched grid, stays inside ``aspect`` and
+    covers much of it: the shape shortcut varies in both directions."""
+    cfg = AugmentConfig(
+        rotate_deg=0.0, translate=0.0, crop_area=(0.7, 1.0), aspect=(0.75, 1.35), gamma=(1.0, 1.0),
+        contrast=(1.0, 1.0), brightness=0.0, blur_prob=0.0, noise_prob=0.0, lowres_prob=0.0,
+        jpeg_prob=0.0, border_prob=0.0,
+    )
+    size = 128
+    from pneumonia.training.augment import crop_extent
+
+    g = torch.Generator().manual_seed(0)
+    # Same draws as augment_batch: reproduce the crop extents the generator gives.
+    n = 512
+    x = torch.zeros(n, 1, size, size)
+    x[..., 32:96, 32:96] = 1.0  # a centred square
+    out = augment_batch(x, cfg, g)
+    widths = (out[:, 0] > 0.5).float().sum(2).amax(1)  # widest row of the square
+    heights = (out[:, 0] > 0.5).float().sum(1).amax(1)  # tallest column
+    shown = heights / widths  # a crop of aspect a stretches the square to height/width = a
+    assert float(shown.min()) > 0.75 * 0.93 and float(shown.max()) < 1.35 * 1.07
+    assert float(shown.min()) < 0.85 and float(shown.max()) > 1.2
+    cw, ch = crop_extent(torch.tensor([1.0, 0.7]), torch.tensor([1.35, 0.75]))
+    assert float(cw.max()) <= 1.0 and float(ch.max()) <= 1.0
+
+
+def test_the_aspect_range_is_validated() -> None:
+    with pytest.raises(ValueError, match="aspect"):
+        AugmentConfig(aspect=(1.2, 0.8))

@@ -154,3 +154,14 @@ def test_early_stopping_finishes_the_member(tmp_path: Path) -> None:
     history = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     assert result.best_epoch == 1
+
+
+def test_device_auto_picks_the_cpu_without_a_gpu() -> None:
+    from pneumonia.training.train import resolve_device
+
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
