@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pneumonia.training.stress import PERTURBATIONS, perturbed_batches, stressed_logits, stressed_report
+from pneumonia.training.stress import (
+    PERTURBATIONS,
+    perturbed_batches,
+    stressed_logits,
+    stressed_report,
+)
 
 
 def _films(n: int = 6, size: int = 48) -> np.ndarray:
