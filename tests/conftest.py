@@ -70,6 +70,7 @@ def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg = TrainConfig(
         preprocess=PreprocessSpec(size=64),
         model=ModelConfig(channels=(4, 8, 16), dropout=0.0),
+        seeds=(0, 1),
         epochs=2,
         batch_size=16,
         lr=1e-2,
