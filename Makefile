@@ -58,13 +58,15 @@ ship: install-test
 	$(BIN)/pneumonia evaluate --model artifacts/model.onnx --data $(DATA) --json artifacts/eval/test.json \
 		--markdown artifacts/eval/test.md --plots artifacts/eval/plots --run-dir runs/shipped \
 		--predictions artifacts/eval/predictions.csv
-	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --seeds 0 --epochs 24 --no-progress
+	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --size 192 --seeds 0 --epochs 24 \
+		--lr 2e-3 --schedule cosine --no-progress
 	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx
 	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
 		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \
 		--plots artifacts/baseline/eval/plots --run-dir runs/baseline
 	$(BIN)/pneumonia card --model artifacts/model.onnx --report artifacts/eval/test.json \
-		--baseline artifacts/baseline/eval/test.json --out artifacts/model.card.md
+		--baseline artifacts/baseline/eval/test.json --previous artifacts/v1/eval/test.json \
+		--previous-label "pneumonia-cnn v1 (first look at the test set)" --out artifacts/model.card.md
 
 # Serving speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md),
 # then batch-scoring throughput and memory by engine. Run on an idle machine.

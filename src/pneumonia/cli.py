@@ -150,7 +150,8 @@ def cmd_card(a: argparse.Namespace) -> int:
     card = json.loads(sidecar_card_path(a.model).read_text())
     test = json.loads(a.report.read_text()) if a.report else None
     base = json.loads(a.baseline.read_text()) if a.baseline else None
-    a.out.write_text(render_model_card(card, test, base))
+    prev = (a.previous_label, json.loads(a.previous.read_text())) if a.previous else None
+    a.out.write_text(render_model_card(card, test, base, prev))
     return 0
 
 
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(c)
     c.add_argument("--report", type=Path, help="evaluation JSON of the model on the test set")
     c.add_argument("--baseline", type=Path, help="evaluation JSON of the baseline on the same set")
+    c.add_argument("--previous", type=Path, help="evaluation JSON of the model this one replaces, on the same set")
+    c.add_argument("--previous-label", default="previous model", help="its row label in the comparison table")
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(func=cmd_card)
 
