@@ -37,7 +37,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -755,8 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             result["server_exit_code"] = proc.returncode
             server_log = logfile.read_text(errors="replace")
             result["server_unhandled_errors"] = server_log.count('"message": "unhandled error"')
-            # uvicorn re-raises SIGTERM after a graceful shutdown, so -15 is a clean exit too.
-            result["server_stopped_cleanly"] = proc.returncode in (0, -signal.SIGTERM) and (
+            result["server_stopped_cleanly"] = proc.returncode == 0 and (
                 "Application shutdown complete" in server_log
             )
             if not result["server_stopped_cleanly"] or result["server_unhandled_errors"]:

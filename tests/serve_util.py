@@ -197,11 +197,16 @@ def serve_command() -> list[str]:
 
 @contextlib.contextmanager
 def running_server(
-    model: Path, tmp_path: Path, cwd: Path | None = None, **env: str
+    model: Path,
+    tmp_path: Path,
+    cwd: Path | None = None,
+    command: list[str] | None = None,
+    **env: str,
 ) -> Iterator[ServerProcess]:
     """Start ``pneumonia serve`` on a free loopback port; wait until /ready; stop it after.
 
-    Its stderr and stdout go to files in ``tmp_path``; ``cwd`` is its working directory.
+    Its stderr and stdout go to files in ``tmp_path``; ``cwd`` is its working directory;
+    ``command`` replaces :func:`serve_command` (e.g. ``gated_serve.py``).
     """
     port = free_port()
     err = tmp_path / f"serve-{port}.log"
@@ -215,7 +220,7 @@ def running_server(
     }
     with err.open("wb") as err_file, out.open("wb") as out_file:
         proc = subprocess.Popen(
-            serve_command(), env=full_env, stdout=out_file, stderr=err_file, cwd=cwd
+            command or serve_command(), env=full_env, stdout=out_file, stderr=err_file, cwd=cwd
         )
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", err, out)
     try:

@@ -319,8 +319,8 @@ def test_sigterm_under_load_finishes_work_in_flight_and_refuses_the_rest(
         assert head.startswith(b"HTTP/1.1 200"), head
         assert json.loads(payload)["filename"] == f"{i}.jpeg"
     assert set(late) <= {"ConnectError", "RemoteProtocolError", "ReadError", 503}, late
-    # uvicorn re-raises the signal once shut down, so the parent sees "terminated by SIGTERM".
-    assert code in (0, -signal.SIGTERM)
+    # Regression: uvicorn re-raises SIGTERM once shut down, and the status read -15.
+    assert code == 0
     assert stopped_after < graceful_s + 15
     assert_no_unhandled_errors(server)
     messages = [json.loads(x).get("message") for x in server.stderr().splitlines() if x[:1] == "{"]

@@ -336,7 +336,9 @@ def test_declared_oversize_body_is_413(tiny_model: Path) -> None:
 
 
 def test_size_limit_is_enforced_while_the_body_streams(tiny_model: Path) -> None:
-    """A chunked body with no Content-Length is cut off at the limit, not read to the end."""
+    """A chunked body with no Content-Length is answered 413 once the limit passes, not when
+    it has been read to the end; the rest is then read and dropped (DRAIN_MAX_MB), so that a
+    client that sends before it reads gets the answer rather than a reset."""
     with serve(tiny_model, max_upload_mb=0.25) as c:
         chunk = 64 * 1024
         total_chunks = 100  # 6.4 MB offered
@@ -350,7 +352,12 @@ def test_size_limit_is_enforced_while_the_body_streams(tiny_model: Path) -> None
             body = head if reads == 1 else b"\0" * chunk
             return {"type": "http.request", "body": body, "more_body": reads < total_chunks}
 
+        reads_when_answered = 0
+
         async def send(message: dict) -> None:
+            nonlocal reads_when_answered
+            if message["type"] == "http.response.start":
+                reads_when_answered = reads
             sent.append(message)
 
         scope = {
@@ -374,7 +381,11 @@ def test_size_limit_is_enforced_while_the_body_streams(tiny_model: Path) -> None
         c.portal.call(c.app, scope, receive, send)
         assert sent[0]["status"] == 413
         assert json.loads(sent[1]["body"])["error"]["code"] == "payload_too_large"
-        assert reads <= 0.25 * 1024 * 1024 / chunk + 2, f"read {reads} chunks of {total_chunks}"
+        assert reads_when_answered <= 0.25 * 1024 * 1024 / chunk + 2, (
+            f"answered after {reads_when_answered} chunks of {total_chunks}"
+        )
+        assert reads == total_chunks  # 6.4 MB: within the default drain bound
+        assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 def test_slow_upload_times_out_with_408(tiny_model: Path) -> None:
@@ -391,7 +402,12 @@ def test_slow_upload_times_out_with_408(tiny_model: Path) -> None:
                 await anyio.sleep(5)  # the client stalls mid-upload
             return {"type": "http.request", "body": b"--b\r\n", "more_body": True}
 
+        reads_when_answered = 0
+
         async def send(message: dict) -> None:
+            nonlocal reads_when_answered
+            if message["type"] == "http.response.start":
+                reads_when_answered = reads
             sent.append(message)
 
         scope = {

@@ -7,6 +7,7 @@ or before, by ``pneumonia serve``, so that a bad model stops start-up with one c
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,7 +22,11 @@ from pneumonia.predictor import Predictor
 from pneumonia.serve.errors import install_error_handlers
 from pneumonia.serve.inference import InferenceQueue
 from pneumonia.serve.metrics import Metrics
-from pneumonia.serve.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from pneumonia.serve.middleware import (
+    BodyLimitMiddleware,
+    DrainMiddleware,
+    ObservabilityMiddleware,
+)
 from pneumonia.serve.routes import api, document_settings
 from pneumonia.serve.settings import Settings
 from pneumonia.serve.state import Service
@@ -98,6 +103,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         redoc_url=None,
         middleware=[
             Middleware(ObservabilityMiddleware, metrics=metrics),
+            Middleware(
+                DrainMiddleware,
+                max_bytes=settings.drain_max_bytes,
+                timeout_s=settings.drain_timeout_s,
+            ),
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes),
         ],
     )
@@ -123,10 +133,10 @@ def serve(settings: Settings) -> int:
     """Load the model, then run the app under uvicorn until SIGINT/SIGTERM.
 
     On SIGTERM uvicorn stops accepting connections and lets requests in flight finish (up to
-    ``graceful_timeout_s``) before the process exits.
+    ``graceful_timeout_s``) before the process exits with status 0.
 
     Returns:
-        0 after a clean shutdown, 1 if the server could not start (e.g. port in use).
+        0 after a clean shutdown (SIGTERM included), 1 if the server could not start (e.g. port in use).
 
     Raises:
         ModelLoadError: the model cannot be loaded (the caller prints it as one line).
@@ -148,5 +158,19 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=round(settings.graceful_timeout_s),
     )
     server = uvicorn.Server(config)
-    server.run()
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn catches SIGTERM, shuts down gracefully, then raises the signal again for the
+    # handler that was installed before it (cooperative signal handling, uvicorn >= 0.29).
+    # With Python's default handler that kills the process, whose status then reads -15
+    # although the shutdown was clean. SIGTERM is how a service is meant to be stopped, so
+    # this handler takes it instead and the process exits with 0. (A SIGTERM that comes
+    # before uvicorn has installed its own handler stops the server all the same.)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1

@@ -56,12 +56,15 @@ class InferenceQueue:
         est = self._mean_job_s * max(1, self._admitted) / self.max_concurrency
         return int(min(60, max(1, math.ceil(est))))
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` in a worker thread once a slot is free.
+    def refuse_if_full(self) -> None:
+        """Refuse now if no job could be admitted.
+
+        The routes call it before they read the upload, so that under overload a client
+        gets its 503 as soon as its headers are in, not after sending the whole image.
+        :meth:`run` checks again: the queue may fill while the upload streams in.
 
         Raises:
-            ApiError: 503 ``queue_full`` if the queue is full, 503 ``queue_timeout`` if no
-                slot freed up in time; both with ``Retry-After``.
+            ApiError: 503 ``queue_full`` with ``Retry-After``.
         """
         if self._admitted >= self.capacity:
             raise ApiError(
@@ -70,6 +73,15 @@ class InferenceQueue:
                 "the service is busy (inference queue full); retry after the time in Retry-After",
                 {"Retry-After": str(self.retry_after_s())},
             )
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` in a worker thread once a slot is free.
+
+        Raises:
+            ApiError: 503 ``queue_full`` if the queue is full, 503 ``queue_timeout`` if no
+                slot freed up in time; both with ``Retry-After``.
+        """
+        self.refuse_if_full()
         self._admitted += 1
         try:
             try:

@@ -193,6 +193,7 @@ async def predict(
 
     `curl -X POST "http://localhost:8000/predict" -F "file=@chest_xray.jpeg"`
     """
+    svc.queue.refuse_if_full()  # before the upload is read: a busy service answers at once
     (upload,) = await read_uploads(request, PREDICT_FIELD, 1, svc.settings.upload_timeout_s)
     t0 = time.perf_counter()
     try:
@@ -232,6 +233,7 @@ async def predict_batch(request: Request, response: Response, svc: ServiceDep) -
     Answers 200 with one entry per file in upload order: a result, or that file's error
     (same codes as `POST /predict`). The whole body counts against MAX_UPLOAD_MB.
     """
+    svc.queue.refuse_if_full()  # before the upload is read: a busy service answers at once
     uploads = await read_uploads(
         request, BATCH_FIELD, svc.settings.max_batch_files, svc.settings.upload_timeout_s
     )

@@ -30,6 +30,14 @@ class Settings(BaseSettings):
         queue_size: Jobs allowed to wait for a free slot; beyond that requests get 503.
         queue_timeout_s: Longest a job waits for a slot before 503.
         upload_timeout_s: Longest a client may take to send its upload before 408.
+        drain_max_mb: When the service answers before it has read the whole request body
+            (413, 503 ``queue_full``, 401, ...), it reads and discards at most this much more
+            of the body (MiB) before it closes the connection, so that clients that send the
+            whole body before reading (Python's urllib, ``requests``) get the answer instead
+            of a connection reset. A body declared longer is not read: the connection is
+            closed right after the answer. 0 turns draining off.
+        drain_timeout_s: Longest that draining may take (seconds); then the connection is
+            closed.
         inference_threads: onnxruntime threads per job; default: the CPUs the container's
             cgroup quota allows.
         graceful_timeout_s: On SIGTERM, how long requests in flight may take to finish.
@@ -50,6 +58,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=8, ge=0, le=10_000)
     queue_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     upload_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    drain_max_mb: float = Field(default=64.0, ge=0, le=1024)
+    drain_timeout_s: float = Field(default=10.0, ge=0, le=600)
     inference_threads: int | None = Field(default=None, ge=1, le=256)
     graceful_timeout_s: float = Field(default=20.0, ge=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -69,6 +79,11 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         """``max_upload_mb`` in bytes."""
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def drain_max_bytes(self) -> int:
+        """``drain_max_mb`` in bytes."""
+        return int(self.drain_max_mb * MIB)
 
 
 def settings_error_message(exc: ValidationError) -> str:
