@@ -227,6 +227,46 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(a: argparse.Namespace) -> int:
+    from pneumonia.audit import (
+        NEAR_DUPLICATE_CORRELATION,
+        NEAR_DUPLICATE_DISTANCE,
+        audit,
+        render_html,
+    )
+    from pneumonia.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+
+    report = audit(
+        a.data,
+        max_distance=NEAR_DUPLICATE_DISTANCE if a.near_distance is None else a.near_distance,
+        min_correlation=NEAR_DUPLICATE_CORRELATION if a.near_correlation is None else a.near_correlation,
+        val_fraction=DEFAULT_VAL_FRACTION if a.val_fraction is None else a.val_fraction,
+        split_seed=DEFAULT_SPLIT_SEED if a.split_seed is None else a.split_seed,
+        workers=a.workers,
+        progress=not a.no_progress,
+    )
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
+    if a.html:
+        a.html.parent.mkdir(parents=True, exist_ok=True)
+        a.html.write_text(render_html(report))
+    for w in report["warnings"]:
+        log.warning("%s", w)
+    ts = report["patients"]["trainer_split"] or {}
+    print(json.dumps({
+        "data": report["data"],
+        "images": {k: v["total"] for k, v in report["counts"]["images"].items()},
+        "unreadable": len(report["counts"]["unreadable"]),
+        "exact_duplicate_groups": report["duplicates"]["exact"]["groups"],
+        "near_duplicate_pairs": report["duplicates"]["near"]["pairs"],
+        "trainer_split_shared_patients": ts.get("shared_patients"),
+        "shortcut_warnings": [f"{r['split']}:{r['statistic']} {r['auc']}" for r in report["shortcuts"] if r["warning"]],
+        "seconds": report["seconds"],
+    }))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -327,6 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--part-rows", type=int, default=1000, help="rows per part saved while scoring")
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=cmd_score)
+    d = sub.add_parser("data", help="know your data: audit a data set, download the Kaggle set")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    au = dsub.add_parser(
+        "audit",
+        help="counts, patients, duplicates, image formats and shortcuts of a labelled data set",
+        description="Audit DATA: a Kaggle root (train|val|test/{NORMAL,PNEUMONIA}), one labelled "
+        "folder, a CSV manifest (path, label or class, optional split) or a MedMNIST .npz. "
+        "Prints a summary; --json and --html write the full report (docs/data.md).",
+    )
+    au.add_argument("data", type=Path)
+    au.add_argument("--json", type=Path, help="write the full report as JSON")
+    au.add_argument("--html", type=Path, help="write the report as a self-contained HTML page")
+    au.add_argument("--near-distance", type=int, default=None, help="near-duplicate candidates: pHash or dHash Hamming distance at most this, 0-7 (default 7)")
+    au.add_argument("--near-correlation", type=float, default=None, help="near duplicates: thumbnail correlation at least this (default 0.98)")
+    au.add_argument("--val-fraction", type=float, default=None, help="the trainer's split to check (default: TrainConfig's)")
+    au.add_argument("--split-seed", type=int, default=None, help="the trainer's split seed (default: TrainConfig's)")
+    au.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
+    au.add_argument("--no-progress", action="store_true")
+    au.set_defaults(func=cmd_audit)
     return p
 
 

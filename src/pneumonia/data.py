@@ -118,6 +118,15 @@ def patient_id(filename: str) -> str:
     return filename
 
 
+def patient_id_rule(filename: str) -> tuple[str, str | None]:
+    """(patient id, the pattern that parsed it), or (filename, None) when no rule matches."""
+    for rule in _PATIENT_RULES:
+        m = rule.match(filename)
+        if m:
+            return m.group(1), rule.pattern
+    return filename, None
+
+
 def is_image_file(path: Path) -> bool:
     return (
         path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
