@@ -267,6 +267,31 @@ def cmd_audit(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(a: argparse.Namespace) -> int:
+    from pneumonia.download import DownloadError, download, verify
+
+    if a.verify and a.to:
+        print("pneumonia data download: error: give --verify DIR or --to DIR, not both", file=sys.stderr)
+        return 2
+    try:
+        root = a.verify if a.verify else download(a.to, force=a.force)
+    except DownloadError as exc:
+        print(f"pneumonia data download: error: {exc}", file=sys.stderr)
+        return 2
+    check = verify(root)
+    for line in check.differences:
+        log.warning("differs from the published set: %s", line)
+    if check.matches:
+        log.info("layout and counts match the published set; pass --data %s", check.root)
+    else:
+        log.warning(
+            "%s has the train/test layout and can be passed as --data, but its counts differ "
+            "from the published set in %d place(s) (listed above)", check.root, len(check.differences)
+        )
+    print(json.dumps(check.to_dict()))
+    return 0 if check.matches else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -386,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
     au.add_argument("--no-progress", action="store_true")
     au.set_defaults(func=cmd_audit)
+    dl = dsub.add_parser(
+        "download",
+        help="fetch the Kaggle chest X-ray set (kagglehub) or --verify a copy; prints the --data path",
+        description="Download the Kaggle chest X-ray set with kagglehub (pip install "
+        "'pneumonia-detection[download]'), find its chest_xray root, and check its layout and "
+        "counts against the published ones. Exit 0: matches; 1: usable layout but the counts "
+        "differ (each difference is printed); 2: no usable layout or the download failed.",
+    )
+    dl.add_argument("--to", type=Path, help="folder to download into (kagglehub's cache; default ~/.cache/kagglehub)")
+    dl.add_argument("--verify", type=Path, metavar="DIR", help="only check a copy obtained elsewhere")
+    dl.add_argument("--force", action="store_true", help="download again even if cached")
+    dl.set_defaults(func=cmd_download)
     return p
 
 
