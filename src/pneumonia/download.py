@@ -112,9 +112,10 @@ def verify(root: Path) -> Verification:
             counts[split] = None
             diffs.append(f"{split}: missing (published: {published['NORMAL']:,} NORMAL / {published['PNEUMONIA']:,} PNEUMONIA)")
             continue
-        counts[split] = {c: _count(root / split / c) if (root / split / c).is_dir() else 0 for c in LABELS}
+        per = {c: _count(root / split / c) if (root / split / c).is_dir() else 0 for c in LABELS}
+        counts[split] = per
         for c in LABELS:
-            got, want = counts[split][c], published[c]
+            got, want = per[c], published[c]
             if got != want:
                 diffs.append(f"{split} {c}: {got:,} images, published {want:,} ({got - want:+,})")
     return Verification(root, counts, diffs)
