@@ -25,6 +25,7 @@ from pneumonia.preprocess import (
     check_model_input,
     decode_gray,
     preprocess_bytes,
+    preprocess_image,
     resize_gray,
     sniff_format,
 )
@@ -167,6 +168,24 @@ def test_large_images_reduced_before_float_match_the_full_computation(kind: str)
     fast = preprocess_bytes(data, spec)
     slow = resize_gray(decode_gray(data), spec)
     assert np.abs(fast - slow).mean() < 0.005 and np.abs(fast - slow).max() < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_preprocess_image_is_the_one_composition(fmt: str) -> None:
+    """Every path (training, Predictor, scoring, the heatmap job) calls preprocess_image: its
+    input is preprocess_bytes', and the view a heatmap is drawn on is a JPEG decoded again at
+    the overlay's scale, any other format's decode as the model's input came from it."""
+    spec = PreprocessSpec()
+    data = encode(_large_original(), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    plain = preprocess_image(data, spec)
+    assert plain.view is None
+    np.testing.assert_array_equal(plain.input, preprocess_bytes(data, spec))
+    viewed = preprocess_image(data, spec, view_side=512)
+    np.testing.assert_array_equal(viewed.input, plain.input)
+    assert viewed.view is not None
+    expected = decode_gray(data, draft_size=512 if fmt == "JPEG" else spec.size)
+    np.testing.assert_array_equal(viewed.view, expected)
+    assert viewed.view.shape == ((800, 1000) if fmt == "JPEG" else (400, 500))
 
 
 def test_original_and_its_224_copy_give_the_same_input() -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from pneumonia.calibration import calibrated_probability
 from pneumonia.labels import LABELS
-from pneumonia.preprocess import PreprocessSpec, check_model_input, decode_gray, resize_gray
+from pneumonia.preprocess import PreprocessSpec, check_model_input, preprocess_bytes
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,9 @@ class Predictor:
         return str(self.card.get("version", "unknown"))
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """Bytes to one model input (C, H, W); raises ``ImageError`` on a bad image."""
-        return resize_gray(decode_gray(data, draft_size=self.spec.size), self.spec)
+        """Bytes to one model input (C, H, W) by the model's own spec; raises ``ImageError``
+        on a bad image."""
+        return preprocess_bytes(data, self.spec)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw (logits (N,), CAMs (N, h, w)) for a preprocessed batch (N, C, H, W)."""

@@ -1,7 +1,7 @@
 """The one place that knows how image bytes become model input.
 
-Training, evaluation, batch scoring and the HTTP service all call :func:`preprocess_bytes`
-with the :class:`PreprocessSpec` stored inside the exported model, so a 224x224 training copy
+Training, evaluation, batch scoring and the HTTP service all call :func:`preprocess_image`
+(or :func:`preprocess_bytes`, its model input alone) with the :class:`PreprocessSpec` stored inside the exported model, so a 224x224 training copy
 and a 2000x1600 original go through exactly the same steps:
 
 1. recognise the format from the bytes (JPEG, PNG or DICOM; nothing else);
@@ -705,9 +705,52 @@ def resize_gray(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out[None, :, :]
 
 
+@dataclass(frozen=True)
+class Preprocessed:
+    """One image as the model takes it, and the picture a heatmap is drawn on.
+
+    Attributes:
+        input: The model input, float32 of shape ``spec.input_shape``.
+        view: The decoded grayscale image in [0, 1] at its own aspect ratio, if asked for
+            (``view_side``), else None.
+    """
+
+    input: np.ndarray
+    view: np.ndarray | None = None
+
+
+def preprocess_image(
+    data: bytes, spec: PreprocessSpec, *, view_side: int | None = None
+) -> Preprocessed:
+    """Turn encoded image bytes into one model input: the one composition every path calls.
+
+    Training and evaluation (``data.load_images``), ``Predictor``, batch scoring and the
+    service all come here, so an image gets the same input whichever path it takes.
+
+    Args:
+        data: The encoded file.
+        spec: The model's preprocessing, as its card states it.
+        view_side: If given, also keep the decoded image to draw a heatmap on, sharp enough
+            for an overlay whose longer side is at most this many pixels: a JPEG is decoded
+            again at that scale (the model's copy may be a reduced-scale decode), any other
+            format's decode is kept as it is.
+
+    Raises:
+        ImageError: a subclass naming what is wrong with the image.
+    """
+    gray = decode_gray(data, draft_size=spec.size)
+    x = resize_gray(gray, spec)
+    if view_side is None:
+        return Preprocessed(x)
+    if sniff_format(data) == "jpeg":
+        gray = decode_gray(data, draft_size=view_side)
+    return Preprocessed(x, gray)
+
+
 def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
-    """Turn encoded image bytes into one model input of shape ``spec.input_shape``."""
-    return resize_gray(decode_gray(data, draft_size=spec.size), spec)
+    """Turn encoded image bytes into one model input of shape ``spec.input_shape``
+    (:func:`preprocess_image`'s ``input``)."""
+    return preprocess_image(data, spec).input
 
 
 def preprocess_uint8(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from pneumonia.heatmap import MAX_OVERLAY_SIDE, overlay_png
 from pneumonia.predictor import Prediction, Predictor
-from pneumonia.preprocess import ImageError, decode_gray, resize_gray, sniff_format
+from pneumonia.preprocess import ImageError, preprocess_image
 from pneumonia.serve.errors import ApiError
 
 T = TypeVar("T")
@@ -119,25 +119,21 @@ class JobResult:
 def predict_job(predictor: Predictor, images: list[bytes], heatmap: bool = False) -> JobResult:
     """Decode every image, classify the decodable ones in one model call.
 
-    Runs in a worker thread. Each image goes through ``predictor.preprocess`` (the path of
-    ``pneumonia predict``), so the service's scores equal the CLI's. A heatmap, if asked, is
-    drawn for the first image only.
+    Runs in a worker thread. Each image goes through ``preprocess_image`` with the model's
+    spec (the path of ``pneumonia predict``), so the service's scores equal the CLI's. A
+    heatmap, if asked, is drawn for the first image only, on the view that call keeps.
     """
     t0 = time.perf_counter()
     errors: dict[int, ImageError] = {}
     inputs = []
     gray = None
     for i, data in enumerate(images):
+        view_side = MAX_OVERLAY_SIDE if heatmap and i == 0 else None
         try:
-            if heatmap and i == 0:
-                # Same two steps as Predictor.preprocess, keeping the decoded image to draw on.
-                gray = decode_gray(data, draft_size=predictor.spec.size)
-                inputs.append(resize_gray(gray, predictor.spec))
-                if sniff_format(data) == "jpeg":
-                    # The model's copy may be a reduced-scale JPEG decode; draw on a sharper one.
-                    gray = decode_gray(data, draft_size=MAX_OVERLAY_SIDE)
-            else:
-                inputs.append(predictor.preprocess(data))
+            pre = preprocess_image(data, predictor.spec, view_side=view_side)
+            inputs.append(pre.input)
+            if pre.view is not None:
+                gray = pre.view
         except ImageError as exc:
             errors[i] = exc
     t1 = time.perf_counter()
