@@ -1,0 +1,140 @@
+"""What every decoder shares: the errors, the memory ceilings and the one strip-reduce helper.
+
+Re-exported by :mod:`pneumonia.preprocess`, which is where the rest of the package imports
+them from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+#: Decoded images larger than this are refused as decompression bombs (about 8k x 8k).
+MAX_PIXELS = 64_000_000
+#: Most memory the decoders may hold for one image, estimated from its header before decoding;
+#: more is refused as a decompression bomb. It counts Pillow's decoded image (1 byte a pixel for
+#: 1- and 8-bit gray and palette PNGs and for the reduced-scale decode of a JPEG, 2 for 16-bit
+#: gray, 4 for colour or alpha), libjpeg's coefficients of a progressive JPEG (2 bytes a pixel
+#: per full-resolution channel, however small the reduced decode), and pydicom's copies of a
+#: compressed, deflated or colour DICOM frame (an uncompressed grayscale frame is read where it
+#: lies in the upload). 64 MiB takes a 4300x3500 RGB PNG (60 MB): colour PNGs up to 4096x4096.
+MAX_DECODE_BYTES = 64 << 20
+#: Smaller images carry too little information to classify.
+MIN_SIDE = 32
+#: Images are converted to float a strip of about this many pixels at a time.
+_STRIP_PIXELS = 1 << 18
+
+
+class ImageError(ValueError):
+    """An image that cannot become model input; carries a stable ``code`` clients may branch on.
+
+    The HTTP status each code answers with is the service's business: pneumonia.serve.errors.
+    """
+
+    code = "invalid_image"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyImageError(ImageError):
+    code = "empty_file"
+
+
+class UnsupportedFormatError(ImageError):
+    code = "unsupported_format"
+
+
+class UnsupportedTransferSyntaxError(ImageError):
+    code = "unsupported_transfer_syntax"
+
+
+class UndecodableImageError(ImageError):
+    code = "undecodable_image"
+
+
+class ImageTooSmallError(ImageError):
+    code = "image_too_small"
+
+
+class DecompressionBombError(ImageError):
+    code = "decompression_bomb"
+
+
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse images over ``MAX_PIXELS`` or with a side under ``MIN_SIDE``."""
+    if width * height > MAX_PIXELS:
+        raise DecompressionBombError(
+            f"image is {width}x{height} pixels, over the limit of {MAX_PIXELS:,} pixels; "
+            "downscale it before uploading"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageTooSmallError(
+            f"image is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed"
+        )
+
+
+def check_decode_bytes(need: int, what: str, advice: str) -> None:
+    """Refuse a decode that would hold more than ``MAX_DECODE_BYTES``."""
+    if need > MAX_DECODE_BYTES:
+        raise DecompressionBombError(
+            f"decoding this {what} would take {need / 2**20:.0f} MiB, over the limit of "
+            f"{MAX_DECODE_BYTES >> 20} MiB; {advice} before uploading"
+        )
+
+
+def reduction(width: int, height: int, draft_size: int | None) -> tuple[int, int]:
+    """Integer factors (x, y) by which a decoded image is box-averaged before the resize.
+
+    The shorter side stays at least ``2 * draft_size``: images under four times that per side
+    are not reduced, and the final resize still averages over two or more pixels. Both axes
+    share the factor (the aspect ratio is kept, as heatmap overlays need) unless the image is
+    over 4:1; then the longer side is reduced further, to under ``16 * draft_size``. So the
+    reduced image has fewer than ``64 * draft_size**2`` pixels, whatever was uploaded.
+    """
+    if draft_size is None:
+        return 1, 1
+    short, long = min(width, height), max(width, height)
+    factor = max(1, short // (2 * draft_size))
+    long_factor = max(factor, long // (8 * draft_size))
+    return (long_factor, factor) if width >= height else (factor, long_factor)
+
+
+def box_reduce(arr: np.ndarray, fx: int, fy: int) -> np.ndarray:
+    """Mean of every ``fy x fx`` box of a 2-D array (boxes at the far edges may be partial).
+
+    Returns ``arr`` itself when both factors are 1, else a new float64 array.
+    """
+    out = arr
+    for axis, factor in ((0, fy), (1, fx)):
+        if factor > 1:
+            starts = np.arange(0, arr.shape[axis], factor)
+            counts = np.diff(np.append(starts, arr.shape[axis]))
+            out = np.add.reduceat(out, starts, axis=axis, dtype=np.float64)
+            out /= counts[:, None] if axis == 0 else counts[None, :]
+    return out
+
+
+def reduce_in_strips(
+    width: int,
+    height: int,
+    fx: int,
+    fy: int,
+    strip: Callable[[int, int], np.ndarray],
+    dtype: type[np.floating],
+) -> np.ndarray:
+    """Box-reduce by (fx, fy) an image that is made a strip of rows at a time.
+
+    ``strip(top, bottom)`` gives rows ``top:bottom`` as a 2-D float array; each strip holds
+    about ``_STRIP_PIXELS`` pixels and a whole number of reduction boxes, so only strips are
+    ever full-size float. When every step that makes a strip is per pixel, the strips join
+    into exactly the whole image's result.
+    """
+    rows = max(1, _STRIP_PIXELS // (max(width, 1) * fy)) * fy
+    out = np.empty((-(-height // fy), -(-width // fx)), dtype=dtype)
+    for top in range(0, height, rows):
+        reduced = box_reduce(strip(top, min(height, top + rows)), fx, fy)
+        out[top // fy : top // fy + reduced.shape[0]] = reduced
+    return out
