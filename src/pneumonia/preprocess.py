@@ -78,6 +78,7 @@ __all__ = [
     "decode_gray",
     "preprocess_bytes",
     "preprocess_image",
+    "preprocess_uint8",
     "resize_gray",
     "sniff_format",
 ]
