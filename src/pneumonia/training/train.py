@@ -14,7 +14,9 @@ import csv
 import json
 import logging
 import math
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,9 +197,34 @@ def load_member(path: Path) -> nn.Module:
     return model
 
 
+def _inference_fn(model: nn.Module, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of a batch: through onnxruntime on the CPU (several times faster than torch's
+    eager CPU kernels for EfficientNet, and the runtime that serves the model), on the GPU
+    with torch."""
+    model.eval()
+    dev = _device_of(model)
+    if dev.type != "cpu":
+        return lambda b: model(b.to(dev))
+    from pneumonia.predictor import import_onnxruntime
+
+    ort = import_onnxruntime()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "member.onnx"
+        torch.onnx.export(
+            model, (torch.rand(2, *input_shape),), str(path), input_names=["image"], output_names=["logit"],
+            dynamic_axes={"image": {0: "N"}, "logit": {0: "N"}}, opset_version=17, dynamo=False,
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return lambda b: torch.from_numpy(sess.run(["logit"], {"image": b.numpy()})[0])
+
+
 def ensemble_stressed(members: list[nn.Module], val: LoadedImages, seed: int) -> StressedScores:
     """The stressed validation of the members' averaged logits."""
-    scores = [stressed_logits(lambda b, m=m: m.eval()(b.to(_device_of(m))), val.x, val.y, seed) for m in members]
+    shape = tuple(val.x.shape[1:])
+    scores = [stressed_logits(_inference_fn(m, shape), val.x, val.y, seed) for m in members]
     return StressedScores(val.y, {k: np.mean([s.logits[k] for s in scores], axis=0) for k in scores[0].logits})
 
 
