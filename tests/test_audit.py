@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import SHARED_DATA, encode, synthetic_xray
 from pneumonia.audit import (
     SHORTCUT_WARN_AUC,
+    STATISTICS,
     audit,
     dhash,
     hamming,
@@ -215,3 +216,10 @@ def test_real_data_stretch_shortcut_and_trainer_split() -> None:
     assert ts is not None and ts["shared_patients"] == 0
     assert (ts["train_images"], ts["val_images"]) == (len(plan.train), len(plan.val))
 
+
+
+def test_model_card_shows_the_training_datas_shortcuts(tiny_card: dict, tiny_model: Path) -> None:
+    rows = tiny_card["training"]["data"]["shortcuts"]
+    assert [r["statistic"] for r in rows] == list(STATISTICS) and {r["split"] for r in rows} == {"train"}
+    assert all(set(r) == {"statistic", "split", "auc", "warning", "direction"} for r in rows)
+    assert "Shortcut check" in tiny_model.with_suffix(".card.md").read_text()

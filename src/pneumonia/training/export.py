@@ -240,6 +240,17 @@ SECOND_LOOK = (
 )
 
 
+def _shortcut_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """The training data's shortcut check (``pneumonia data audit``); absent in older runs."""
+    if not rows:
+        return []
+    cells = [f"{r['statistic']} {_fmt(r['auc'], 2)}{' **(warning)**' if r['warning'] else ''}" for r in rows]
+    return [
+        "- Shortcut check (ROC-AUC of one nuisance statistic alone as a PNEUMONIA score, folded to >= 0.5; "
+        f"warning above 0.7; `pneumonia data audit`): {', '.join(cells)}."
+    ]
+
+
 def render_model_card(
     card: dict[str, Any],
     test: dict[str, Any] | None = None,
@@ -283,6 +294,7 @@ def render_model_card(
         f"- Training split: {_counts(data['train'])} ({data['train_patients']} patients); "
         f"validation split ({data.get('split_description', 'patient-grouped')}): {_counts(data['validation'])}.",
         f"- Unreadable files skipped: {len(data['skipped'])}.",
+        *_shortcut_lines(data.get("shortcuts")),
         "",
         f"## Validation metrics ({'MedMNIST val split' if data.get('split') == 'medmnist-val' else 'patient-grouped split of train'}; used to choose everything)",
         "| metric | value |",

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumonia.audit import shortcut_table
 from pneumonia.calibration import calibrated_probability, fit_calibration, nll
 from pneumonia.data import LoadedImages, class_counts, load_images, train_val_split
 from pneumonia.evaluate import (
@@ -259,6 +260,8 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
         "train_patients": len({s.patient for s in train_d.samples}),
         "validation_patients": sorted({s.patient for s in val_d.samples}),
         "skipped": [[str(p), why] for p, why in train_d.skipped + val_d.skipped],
+        # What a model could learn instead of the lungs (pneumonia data audit); in the card.
+        "shortcuts": shortcut_table(train_s + val_s, progress=progress),
     }
     (out / "data.json").write_text(json.dumps(data_summary, indent=1) + "\n")
     log.info("train %s, validation %s, skipped %d", data_summary["train"], data_summary["validation"], len(data_summary["skipped"]))
