@@ -84,6 +84,39 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def png_chunk_span(data: bytes, kind: bytes) -> tuple[int, int]:
+    """(offset of its data, its length) of the first ``kind`` chunk of a PNG, walking chunks."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        if data[pos + 4 : pos + 8] == kind:
+            return pos + 8, length
+        pos += 12 + length
+    raise AssertionError(f"no {kind!r} chunk")
+
+
+def damage_png(data: bytes, kind: bytes, where: str = "crc") -> bytes:
+    """A PNG damaged in one place of its first ``kind`` chunk.
+
+    ``where``: "crc" flips a byte of the chunk's CRC; "data" a byte in the middle of its data
+    (the CRC left as it was); "adler" (IDAT) the last byte of the zlib stream's Adler-32, with
+    the chunk's CRC made right again, so that only the zlib check can tell.
+    """
+    start, length = png_chunk_span(data, kind)
+    out = bytearray(data)
+    if where == "crc":
+        out[start + length] ^= 0xFF
+    elif where == "data":
+        out[start + length // 2] ^= 0xFF
+    elif where == "adler":
+        body = bytearray(data[start : start + length])
+        body[-1] ^= 0xFF
+        return data[: start - 8] + png_chunk(kind, bytes(body)) + data[start + length + 4 :]
+    else:
+        raise ValueError(where)
+    return bytes(out)
+
+
 def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     """A few hundred bytes of PNG that claim ``width x height`` pixels (a decompression bomb)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)

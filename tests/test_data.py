@@ -20,6 +20,7 @@ from pneumonia.data import (
     resolve_split,
 )
 from pneumonia.preprocess import PreprocessSpec
+from serve_util import damage_png
 
 SPEC = PreprocessSpec(size=32)
 
@@ -276,6 +277,25 @@ def test_evaluate_command_reports_skipped_files(
     report = json.loads(out.read_text())
     assert report["n"] == 6
     assert [Path(p).name for p, _ in report["skipped"]] == ["person9999_virus_1.jpeg"]
+
+
+def test_evaluate_command_skips_and_counts_damaged_files(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13: a damaged file is skipped and counted by evaluate, as an unreadable one is."""
+    from pneumonia.cli import main
+
+    folder = make_split(tmp_path / "test", 3, seed=8)
+    png = encode(synthetic_xray(0, 9, 48), "PNG")
+    (folder / "NORMAL" / "IM-9999-0001.png").write_bytes(damage_png(png, b"IHDR"))
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--data", str(folder), "--json", str(out), "--model", str(tiny_model)]
+    assert main([*args, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
+    report = json.loads(out.read_text())
+    assert report["n"] == 6
+    [(path, why)] = report["skipped"]
+    assert Path(path).name == "IM-9999-0001.png" and "CRC of its IHDR chunk" in why
 
 
 def test_commands_stop_with_the_layout_message(

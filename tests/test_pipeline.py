@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import jpeg_bytes
+from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.cli import main
+from serve_util import damage_png
 
 
 def test_run_folder_holds_config_history_checkpoint(tiny_run: Path) -> None:
@@ -91,6 +92,18 @@ def test_predict_cli_one_json_line_per_image(tiny_model: Path, tmp_path: Path, c
     assert first["probability"] == first["probabilities"][first["prediction"]]
     assert (first["probabilities"]["PNEUMONIA"] >= first["threshold"]) == (first["prediction"] == "PNEUMONIA")
     assert lines[1]["error"]["code"] == "unsupported_format"
+
+
+def test_predict_cli_refuses_a_damaged_png(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13: a PNG with a bad CRC is an error line naming the check, never a score."""
+    good = encode(synthetic_xray(1, 2), "PNG")
+    path = tmp_path / "damaged.png"
+    path.write_bytes(damage_png(good, b"IDAT"))
+    assert main(["predict", str(path), "--model", str(tiny_model)]) == 1
+    line = json.loads(capsys.readouterr().out)
+    assert "prediction" not in line
+    assert line["error"]["code"] == "corrupt_image"
+    assert "CRC of its IDAT chunk" in line["error"]["message"]
 
 
 def test_export_then_training_data_path_equals_prediction_path(tiny_model: Path, synthetic_root: Path) -> None:

@@ -14,6 +14,7 @@ from PIL import Image, ImageFile
 
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.preprocess import (
+    CorruptImageError,
     DecompressionBombError,
     EmptyImageError,
     ImageError,
@@ -30,6 +31,7 @@ from pneumonia.preprocess import (
     sniff_format,
 )
 from pneumonia.serve.errors import image_error_status
+from serve_util import damage_png, png_chunk, png_chunk_span
 
 SPEC = PreprocessSpec(size=64)
 
@@ -224,11 +226,106 @@ def test_other_image_formats_are_named(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_truncated_file_is_undecodable(fmt: str) -> None:
+def test_truncated_file_is_corrupt(fmt: str) -> None:
+    """Was undecodable_image until issue 13: a cut-off file is now named for what it is."""
     data = save(Image.fromarray(gray(200, 200)), fmt)
-    with pytest.raises(UndecodableImageError) as e:
+    with pytest.raises(CorruptImageError, match="truncated") as e:
         preprocess_bytes(data[: len(data) // 2], SPEC)
-    assert (e.value.code, image_error_status(e.value)) == ("undecodable_image", 422)
+    assert (e.value.code, image_error_status(e.value)) == ("corrupt_image", 422)
+
+
+# --- damaged files (issue 13): every check the format carries ----------------------------
+
+
+def _png_rows(width: int, height: int, bits: int, interlaced: bool) -> bytes:
+    """Filtered PNG image data (filter 0, random samples) for 8-bit-per-sample gray of
+    ``bits`` per pixel, as the header asks: per row a filter byte, per Adam7 pass if
+    interlaced."""
+    rng = np.random.default_rng(1)
+    passes = (
+        [(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in _ADAM7]
+        if interlaced
+        else [(width, height)]
+    )
+    out = b""
+    for w, h in passes:
+        if w > 0 and h > 0:
+            for _ in range(h):
+                out += b"\x00" + rng.integers(0, 256, (w * bits + 7) // 8, np.uint8).tobytes()
+    return out
+
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png(width: int, height: int, raw: bytes, depth: int = 8, colour: int = 0, interlace: int = 0) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("interlaced", [False, True])
+@pytest.mark.parametrize(("depth", "colour", "samples"), [(1, 0, 1), (8, 0, 1), (16, 0, 1), (8, 2, 3), (8, 6, 4)])
+def test_the_png_image_data_length_check_follows_the_header(
+    depth: int, colour: int, samples: int, interlaced: bool
+) -> None:
+    """Exactly the bytes the header asks for decode (interlaced too: per Adam7 pass); one byte
+    more or fewer is corrupt."""
+    raw = _png_rows(37, 41, depth * samples, interlaced)
+    assert decode_gray(_png(37, 41, raw, depth, colour, int(interlaced))).shape == (41, 37)
+    for wrong in (raw[:-1], raw + b"\x00"):
+        with pytest.raises(CorruptImageError, match="inflates to"):
+            decode_gray(_png(37, 41, wrong, depth, colour, int(interlaced)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda d: damage_png(d, b"IHDR"), "CRC of its IHDR chunk"),
+        (lambda d: damage_png(d, b"IDAT"), "CRC of its IDAT chunk"),
+        (lambda d: damage_png(d, b"IDAT", "data"), "CRC of its IDAT chunk"),
+        (lambda d: damage_png(d, b"IEND"), "CRC of its IEND chunk"),
+        (lambda d: damage_png(d, b"IDAT", "adler"), "Adler-32"),
+        (lambda d: d[: png_chunk_span(d, b"IEND")[0] - 8], "before its IEND chunk"),
+        (lambda d: d[: len(d) // 2], "truncated: it ends inside its IDAT chunk"),
+    ],
+    ids=["ihdr-crc", "idat-crc", "idat-data", "iend-crc", "adler32", "no-iend", "cut-in-idat"],
+)
+def test_damaged_png_is_corrupt_naming_the_check(damage: Any, match: str) -> None:
+    """Pillow checks neither the image data's CRC nor its Adler-32: a flipped bit in the
+    pixels used to be classified (200, NORMAL 0.73 for a test film)."""
+    data = save(Image.fromarray(gray(200, 200)), "PNG")
+    decode_gray(data)
+    with pytest.raises(CorruptImageError, match=match) as e:
+        decode_gray(damage(data))
+    assert e.value.code == "corrupt_image"
+
+
+def test_png_image_data_cut_inside_its_zlib_stream_is_corrupt() -> None:
+    raw = _png_rows(64, 64, 8, False)
+    idat = zlib.compress(raw)[:-40]  # chunks intact, the stream itself ends early
+    data = PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+    data += png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    with pytest.raises(CorruptImageError, match="ends before its zlib stream"):
+        decode_gray(data)
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_without_its_end_marker_is_corrupt(progressive: bool) -> None:
+    """libjpeg fills a cut-off scan with gray and Pillow, once it has every row, stops: the
+    end-of-image marker is the format's only sign that the scan data is whole."""
+    data = save(Image.fromarray(gray(200, 200)), "JPEG", quality=90, progressive=progressive)
+    decode_gray(data + b"trailing bytes after the end are allowed")
+    for cut in (data[:-2], data[: len(data) * 3 // 4]):
+        with pytest.raises(CorruptImageError, match="end-of-image marker"):
+            decode_gray(cut)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -485,10 +582,41 @@ def test_corrupt_data_in_a_decodable_syntax_is_undecodable() -> None:
         decode_gray(data)
 
 
-def test_truncated_dicom_is_undecodable() -> None:
+def test_truncated_dicom_is_corrupt() -> None:
+    """Was undecodable_image until issue 13."""
     data = dicom_bytes(RAMP)
-    with pytest.raises(UndecodableImageError):
+    with pytest.raises(CorruptImageError, match="ends inside its pixel data"):
         decode_gray(data[: len(data) - 2000])
+
+
+@pytest.mark.parametrize(
+    ("attrs", "match"),
+    [
+        ({"Rows": 60}, "60 rows x 64 columns x 1 frame"),
+        ({"NumberOfFrames": 2}, "48 rows x 64 columns x 2 frame"),
+    ],
+)
+def test_dicom_pixel_data_shorter_than_its_header_says_is_corrupt(
+    attrs: dict[str, int], match: str
+) -> None:
+    with pytest.raises(CorruptImageError, match=match):
+        decode_gray(dicom_bytes(RAMP, **attrs))
+
+
+def test_large_truncated_dicom_pixel_data_left_in_the_upload_is_corrupt() -> None:
+    """Pixel data over 1 MiB is not read with the header; its length is checked where it lies."""
+    data = dicom_bytes(np.tile(RAMP, (16, 16)))  # 768x1024, 1.5 MiB of pixels
+    with pytest.raises(CorruptImageError, match="ends inside its pixel data"):
+        decode_gray(data[: 1 << 20])
+
+
+def test_truncated_deflated_dicom_is_corrupt() -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    data = dicom_bytes(RAMP, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    decode_gray(data)
+    with pytest.raises(CorruptImageError, match="Deflated"):
+        decode_gray(data[:-100])
 
 
 # --- the input contract and the spec ------------------------------------------------------

@@ -19,6 +19,7 @@ from pneumonia.cli import main
 from pneumonia.predictor import Predictor
 from pneumonia.score import ScoreError, ScoreRow, open_input, score_archive
 from pneumonia.score.output import format_for
+from serve_util import damage_png
 from test_preprocess import dicom_bytes
 
 GOOD = 11  # images in the archive that decode
@@ -96,6 +97,22 @@ def test_pool_and_parquet_give_exactly_the_rows_of_one_process_and_csv(
     one = run(archive, tmp_path / "one.csv", tiny_model, workers=1, batch_size=4)
     pool = run(archive, tmp_path / "pool.parquet", tiny_model, workers=2, batch_size=4)
     assert pool == one  # same order, same floats: CSV keeps full precision
+
+
+def test_damaged_files_are_error_rows_naming_the_check(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 13: a damaged file is an error row (code corrupt_image), never a prediction."""
+    png = encode(synthetic_xray(1, 5), "PNG")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.png").write_bytes(png)
+    (tmp_path / "in" / "bad-crc.png").write_bytes(damage_png(png, b"IDAT"))
+    (tmp_path / "in" / "bad-adler.png").write_bytes(damage_png(png, b"IDAT", "adler"))
+    (tmp_path / "in" / "cut.jpeg").write_bytes(jpeg_bytes()[:-2])
+    rows = by_key(run(tmp_path / "in", tmp_path / "out.csv", tiny_model))
+    assert rows["good.png"].error is None and rows["good.png"].prediction is not None
+    for key, check in [("bad-crc.png", "CRC"), ("bad-adler.png", "Adler-32"), ("cut.jpeg", "end-of-image")]:
+        row = rows[key]
+        assert row.error_code == "corrupt_image" and row.prediction is None, row
+        assert check in (row.error or ""), row
 
 
 def test_manifest_paths_are_keys_as_written_and_missing_files_are_error_rows(

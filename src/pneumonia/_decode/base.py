@@ -63,6 +63,13 @@ class DecompressionBombError(ImageError):
     code = "decompression_bomb"
 
 
+class CorruptImageError(ImageError):
+    """The file fails a check its own format carries (a checksum, a length, an end marker):
+    it was damaged in transfer or on disk, so whatever it decodes to is not the image."""
+
+    code = "corrupt_image"
+
+
 def check_dimensions(width: int, height: int) -> None:
     """Refuse images over ``MAX_PIXELS`` or with a side under ``MIN_SIDE``."""
     if width * height > MAX_PIXELS:

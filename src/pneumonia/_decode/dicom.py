@@ -1,4 +1,5 @@
-"""DICOM: pixel data read where it lies, LUTs and windows per pixel, Deflated datasets bounded."""
+"""DICOM: pixel data read where it lies, LUTs and windows per pixel, Deflated datasets bounded,
+pixel data shorter than its header says refused."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from pneumonia._decode.base import (
     MAX_DECODE_BYTES,
     MAX_PIXELS,
+    CorruptImageError,
     DecompressionBombError,
     ImageError,
     UndecodableImageError,
@@ -236,6 +238,49 @@ def _gray(
     return out, float(lo), float(hi)
 
 
+def _check_pixel_length(ds: Any, source: bytes | mmap.mmap) -> None:
+    """Refuse native pixel data shorter than its header says, or cut off by the file's end.
+
+    pydicom reads a short value without complaint and decodes a first frame from whatever
+    is there; the header (Rows, Columns, frames, samples, Bits Allocated) says how many bytes
+    every frame takes, and the element says how many it holds.
+
+    Raises:
+        CorruptImageError: naming the two lengths.
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.pixels.utils import get_expected_length
+
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if isinstance(elem, RawDataElement):
+        declared = elem.length
+        if declared == 0xFFFFFFFF:  # undefined length: encapsulated, whatever the syntax says
+            return
+        if elem.value is None:  # deferred: left in source
+            present = max(0, min(declared, len(source) - elem.value_tell))
+        else:
+            present = len(elem.value)
+    else:
+        present = declared = len(elem.value or b"")
+    if present < declared:
+        raise CorruptImageError(
+            f"the DICOM file is truncated: it ends inside its pixel data ({present:,} of the "
+            f"{declared:,} bytes it declares are there); send the whole file"
+        )
+    try:
+        expected = int(get_expected_length(ds, "bytes"))
+    except Exception:  # a header pydicom cannot size: the decoder will refuse it
+        return
+    if present < expected:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise CorruptImageError(
+            f"the DICOM pixel data holds {present:,} bytes, fewer than the {expected:,} its "
+            f"header says ({ds.Rows} rows x {ds.Columns} columns x {frames} frame(s) x "
+            f"{ds.get('SamplesPerPixel', 1)} sample(s) x {ds.BitsAllocated} bits); "
+            "send an undamaged copy"
+        )
+
+
 def decode(data: bytes, draft_size: int | None) -> np.ndarray:
     """A DICOM file's first frame as float32 gray in [0, 1]: modality LUT, VOI LUT / window,
     min-max scaling, MONOCHROME1 inverted; reduced as ``pneumonia.preprocess`` describes."""
@@ -250,6 +295,11 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     except ImageError:
         raise
+    except zlib.error:
+        raise CorruptImageError(
+            "the DICOM file is damaged or truncated: its Deflated dataset is not a complete "
+            "deflate stream; send an undamaged copy"
+        ) from None
     except Exception:
         raise UndecodableImageError(
             "the DICOM file could not be parsed (truncated or corrupt)"
@@ -271,6 +321,8 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
             f"DICOM transfer syntax {what} cannot be decoded here; "
             "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
         )
+    if tsyntax is None or not tsyntax.is_encapsulated:
+        _check_pixel_length(ds, source)
     try:
         need = _decode_bytes(ds, tsyntax, rows, cols, inflated)
     except Exception:

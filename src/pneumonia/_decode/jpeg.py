@@ -1,4 +1,4 @@
-"""JPEG: reduced-scale decoding, what libjpeg holds, EXIF orientation."""
+"""JPEG: reduced-scale decoding, what libjpeg holds, EXIF orientation, truncated scans refused."""
 
 from __future__ import annotations
 
@@ -7,36 +7,63 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumonia._decode.base import check_decode_bytes, reduction
+from pneumonia._decode.base import CorruptImageError, check_decode_bytes, reduction
 from pneumonia._decode.pillow import gray_reduced, image_bytes, open_image, pillow_errors
 
 #: Start-of-frame markers of progressive JPEGs (Huffman or arithmetic, plain or differential).
 _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
 
-def _buffers_coefficients(data: bytes, components: int) -> bool:
-    """Whether libjpeg holds every DCT coefficient of the image while decoding it.
-
-    It does when the image comes in several scans: progressive, or a first scan that carries
-    fewer than all components. Walks the header's markers up to the first scan; anything
-    unexpected counts as yes.
-    """
-    pos = 2
+def _first_scan(data: bytes) -> tuple[int, bool] | None:
+    """Where the first start-of-scan marker stands, and whether a progressive frame header
+    came before it; None if the header's markers cannot be walked to a scan."""
+    pos, progressive = 2, False
     while pos + 4 < len(data):
         if data[pos] != 0xFF:
-            return True
+            return None
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
-        elif marker in _PROGRESSIVE_SOF:
-            return True
-        elif marker == 0xDA:  # start of scan: its component count follows the length
-            return data[pos + 4] < components
+        elif marker == 0xDA:  # start of scan
+            return pos, progressive
         else:
+            progressive |= marker in _PROGRESSIVE_SOF
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return True
+    return None
+
+
+def _buffers_coefficients(data: bytes, components: int) -> bool:
+    """Whether libjpeg holds every DCT coefficient of the image while decoding it.
+
+    It does when the image comes in several scans: progressive, or a first scan that carries
+    fewer than all components (its count follows the scan header's length). Anything
+    unexpected in the header counts as yes.
+    """
+    scan = _first_scan(data)
+    if scan is None or scan[1]:
+        return True
+    return data[scan[0] + 4] < components
+
+
+def check_complete(data: bytes) -> None:
+    """Refuse a JPEG whose scan data never reaches its end-of-image marker.
+
+    libjpeg fills the rows a truncated scan lacks with gray and Pillow, once it has every
+    row, does not look for the end: a cut-off upload scored as a different image. Inside
+    scan data every 0xFF byte is stuffed (followed by 0x00), so the first FF D9 after the
+    first scan marker is the end of image (an EXIF thumbnail's own FF D9 stands before it).
+
+    Raises:
+        CorruptImageError: no end-of-image marker after the first scan.
+    """
+    scan = _first_scan(data)
+    if scan is not None and data.find(b"\xff\xd9", scan[0]) < 0:
+        raise CorruptImageError(
+            "the JPEG is truncated: its scan data ends without the end-of-image marker; "
+            "send the whole file"
+        )
 
 
 def _coefficient_bytes(width: int, height: int, layers: list[tuple[int, int, int, int]]) -> int:
@@ -68,7 +95,11 @@ def _exif_transpose(gray: np.ndarray, img: Image.Image) -> np.ndarray:
 
 
 def decode(data: bytes, draft_size: int | None) -> np.ndarray:
-    """A JPEG as float32 gray in [0, 1], reduced as ``pneumonia.preprocess`` describes."""
+    """A JPEG as float32 gray in [0, 1], reduced as ``pneumonia.preprocess`` describes.
+
+    Raises:
+        CorruptImageError: the data ends before the image does.
+    """
     with pillow_errors("JPEG"):
         img = open_image(data, "JPEG")
         width, height, mode = *img.size, img.mode
@@ -85,6 +116,7 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
             f"{width}x{height} {mode} JPEG",
             "downscale it, or save it as 8-bit grayscale PNG or baseline JPEG,",
         )
+        check_complete(data)
         img.load()
         gray = gray_reduced(img, *reduction(*img.size, draft_size))
         # Orientation last: the conversion is per pixel, so turning the small gray image

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pneumonia._decode.base import (
     MAX_PIXELS,
+    CorruptImageError,
     DecompressionBombError,
     ImageError,
     UndecodableImageError,
@@ -27,7 +28,8 @@ _PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "
 @contextmanager
 def pillow_errors(fmt: str) -> Iterator[None]:
     """Turn whatever Pillow raises while opening or decoding a ``fmt`` image into an
-    ``ImageError`` (its own ``DecompressionBombWarning`` included)."""
+    ``ImageError`` (its own ``DecompressionBombWarning`` included; data that ends before the
+    image does is ``CorruptImageError``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,11 +40,21 @@ def pillow_errors(fmt: str) -> Iterator[None]:
         raise DecompressionBombError(
             f"image is over the limit of {MAX_PIXELS:,} pixels; downscale it before uploading"
         ) from None
-    except Exception:
-        raise UndecodableImageError(
-            f"the {fmt} data could not be decoded (truncated or corrupt); "
-            "re-export the image and try again"
+    except OSError as exc:
+        if "truncated" not in str(exc):  # Pillow's "image file is truncated (...)"
+            raise UndecodableImageError(_undecodable(fmt)) from None
+        raise CorruptImageError(
+            f"the {fmt} is truncated: its data ends before the image does; send the whole file"
         ) from None
+    except Exception:
+        raise UndecodableImageError(_undecodable(fmt)) from None
+
+
+def _undecodable(fmt: str) -> str:
+    return (
+        f"the {fmt} data could not be decoded (truncated or corrupt); "
+        "re-export the image and try again"
+    )
 
 
 def open_image(data: bytes, fmt: str) -> Image.Image:

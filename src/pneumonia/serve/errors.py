@@ -33,6 +33,7 @@ IMAGE_ERROR_STATUS: dict[str, int] = {
     "undecodable_image": 422,
     "image_too_small": 422,
     "decompression_bomb": 422,
+    "corrupt_image": 422,
 }
 
 

@@ -54,7 +54,8 @@ _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
         "`payload_too_large`: the request body is over MAX_UPLOAD_MB (refused while it streams in)."
     ),
     422: _err(
-        "`undecodable_image`, `image_too_small`, `decompression_bomb`: the image cannot be used; "
+        "`undecodable_image`, `corrupt_image` (a CRC, checksum, length or end marker of the "
+        "file is wrong), `image_too_small`, `decompression_bomb`: the image cannot be used; "
         "`validation_error`: a bad query parameter."
     ),
     500: _err(
