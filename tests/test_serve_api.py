@@ -304,11 +304,12 @@ def test_compressed_dicom_without_a_decoder_is_415(client: TestClient) -> None:
 
 def test_bad_images_are_422(client: TestClient) -> None:
     good = encode(synthetic_xray(1, 9, 256), "JPEG", quality=95)
-    assert_error(upload(client, good[: len(good) // 2]), 422, "undecodable_image")
+    # A cut-off file is corrupt_image since issue 13 (was undecodable_image).
+    assert_error(upload(client, good[: len(good) // 2]), 422, "corrupt_image")
     assert_error(upload(client, encode(synthetic_xray(0, 1, 16))), 422, "image_too_small")
     assert_error(upload(client, png_bomb(), "bomb.png"), 422, "decompression_bomb")
     dcm = dicom_bytes(synthetic_xray(1, 2, 64).astype(np.uint16))
-    assert_error(upload(client, dcm[: len(dcm) - 2000], "cut.dcm"), 422, "undecodable_image")
+    assert_error(upload(client, dcm[: len(dcm) - 2000], "cut.dcm"), 422, "corrupt_image")
 
 
 def test_bad_query_parameter_is_422(client: TestClient) -> None:
