@@ -327,7 +327,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Callable[[], None]:
     if not enabled:
         return lambda: None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # noqa: TID251 (optional: without it, the lines below)
 
         bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
         return lambda: bar.update(1)

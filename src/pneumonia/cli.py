@@ -9,6 +9,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a string annotation only: keeps onnxruntime out of --help
+    from pneumonia.predictor import Predictor
 
 log = logging.getLogger("pneumonia")
 
@@ -21,11 +25,36 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+#: Optional dependencies by the extra that installs them: a command that needs a missing one
+#: stops with the pip command instead of a traceback.
+EXTRAS = {
+    "torch": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "tqdm": "progress",
+    "matplotlib": "plots",
+    "pyarrow": "parquet",
+    "ray": "ray",
+}
+
+
+def missing_extra_message(command: str, exc: ModuleNotFoundError) -> str | None:
+    """The one-line error for a missing optional dependency; None when ``exc`` is another one."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    return (
+        f"pneumonia {command}: error: {module} is not installed; this needs the `{extra}` extra: "
+        f"pip install 'pneumonia-detection[{extra}]'"
+    )
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="exported .onnx model (default: $MODEL_PATH, else the shipped model)")
 
 
-def _load_predictor(path: Path | None):  # no return annotation: keeps onnxruntime out of --help
+def _load_predictor(path: Path | None) -> Predictor:
     from pneumonia.predictor import Predictor, default_model_path
 
     return Predictor(path or default_model_path())
@@ -88,6 +117,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from pneumonia.data import is_npz, load_images, resolve_split, split_samples
     from pneumonia.evaluate import evaluate_predictions, markdown_summary
 
+    if a.plots:  # first: a missing `plots` extra is reported before minutes of inference
+        from pneumonia.plots import plot_report, plot_training_curves
     predictor = _load_predictor(a.model)
     folder = a.data / a.split if is_npz(a.data) else resolve_split(a.data, a.split)
     loaded = load_images(split_samples(a.data, a.split), predictor.spec, progress=not a.no_progress)
@@ -116,8 +147,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             for s, y, p in zip(loaded.samples, loaded.y, probs, strict=True):
                 w.writerow([str(s.path), int(y), f"{p:.6f}"])
     if a.plots:
-        from pneumonia.plots import plot_report, plot_training_curves
-
         plot_report(report, a.plots, title=folder.name)
         if a.run_dir:
             plot_training_curves(a.run_dir, a.plots)
@@ -494,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(a.func(a))
     except (DatasetLayoutError, ModelLoadError, FileNotFoundError) as exc:
         print(f"pneumonia {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(a.command, exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
         return 2
 
 

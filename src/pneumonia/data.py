@@ -23,6 +23,7 @@ import numpy as np
 
 from pneumonia.labels import LABELS
 from pneumonia.preprocess import ImageError, PreprocessSpec, preprocess_bytes, preprocess_uint8
+from pneumonia.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +350,13 @@ def load_images(
     samples = list(samples)
     reader = NpzReader()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda s: _load_one(s, spec, reader), samples)
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(samples), desc="reading images", unit="img")
+        results = progress_bar(
+            pool.map(lambda s: _load_one(s, spec, reader), samples),
+            enabled=progress,
+            total=len(samples),
+            desc="reading images",
+            unit="img",
+        )
         arrays: list[np.ndarray] = []
         kept: list[Sample] = []
         skipped: list[tuple[Path, str]] = []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.predictor import Predictor, available_cpus
+from pneumonia.progress import progress_bar
 from pneumonia.score.inputs import FolderSource, ManifestSource, NpzSource, ParquetBytesSource
 from pneumonia.score.output import ScoreOutput
 from pneumonia.score.rows import ScoreError
@@ -96,12 +97,10 @@ def score_archive(
         done = output.done
         resumed = len(done)
         todo = sum(1 for key in source.iter_keys() if key not in done)
-        from tqdm import tqdm
-
         scored = 0
         start = time.monotonic()
-        with tqdm(
-            total=todo, disable=not progress, unit="img", desc="scoring", dynamic_ncols=True
+        with progress_bar(
+            enabled=progress, total=todo, unit="img", desc="scoring", dynamic_ncols=True
         ) as bar:
             if engine == "ray":
                 from pneumonia.score.ray_engine import iter_ray
