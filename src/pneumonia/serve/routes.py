@@ -13,13 +13,13 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from pneumonia.predictor import Prediction
 from pneumonia.preprocess import ImageError, sniff_format
-from pneumonia.serve.errors import ApiError
+from pneumonia.serve.errors import ApiError, openapi_responses
 from pneumonia.serve.inference import JobResult, predict_job
+from pneumonia.serve.metrics import CONTENT_TYPE
 from pneumonia.serve.schemas import (
     BatchError,
     BatchResponse,
     ErrorDetail,
-    ErrorResponse,
     HealthResponse,
     ImageResult,
     ModelCard,
@@ -43,50 +43,33 @@ _bearer = HTTPBearer(
 )
 
 
-def _err(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
-
-
-_COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: _err("`unauthorized`: API_KEY is set and the request has no or a wrong key."),
-    408: _err("`upload_timeout`: the upload took longer than UPLOAD_TIMEOUT_S."),
-    413: _err(
-        "`payload_too_large`: the request body is over MAX_UPLOAD_MB (refused while it streams in)."
-    ),
-    422: _err(
-        "`undecodable_image`, `corrupt_image` (a CRC, checksum, length or end marker of the "
-        "file is wrong), `image_too_small`, `decompression_bomb`: the image cannot be used; "
-        "`validation_error`: a bad query parameter."
-    ),
-    500: _err(
-        "`internal_error`: an unexpected failure; the message never holds details, the logs do."
-    ),
-    503: _err(
-        "`queue_full` / `queue_timeout`: too busy, retry after `Retry-After` seconds; "
-        "`not_ready`: the model is still loading."
-    ),
-}
-_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: _err(
-        "`missing_file`: no multipart field `file`; `empty_file`: the file is empty; "
-        "`invalid_multipart`: malformed body; `too_many_files`: more than one `file`."
-    ),
-    415: _err(
-        "`unsupported_format`: not JPEG, PNG or DICOM (recognised from the bytes); "
-        "`unsupported_transfer_syntax`: a compressed DICOM this service cannot decode."
-    ),
-    **_COMMON_ERRORS,
-}
-_BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: _err(
-        "`missing_file`: no multipart field `files`; `invalid_multipart`: malformed body; "
-        "`too_many_files`: more files than MAX_BATCH_FILES."
-    ),
-    **{k: v for k, v in _COMMON_ERRORS.items() if k != 422},
-    422: _err(
-        "`validation_error`: a bad query parameter. (Bad images are reported per file, with 200.)"
-    ),
-}
+#: The codes each route may answer; their statuses and descriptions come from serve/errors.py.
+_UPLOAD_CODES = (
+    "missing_file",
+    "invalid_multipart",
+    "too_many_files",
+    "too_many_parts",
+    "unauthorized",
+    "upload_timeout",
+    "payload_too_large",
+    "validation_error",
+    "internal_error",
+    "queue_full",
+    "queue_timeout",
+    "not_ready",
+)
+_IMAGE_CODES = (
+    "empty_file",
+    "unsupported_format",
+    "unsupported_transfer_syntax",
+    "undecodable_image",
+    "corrupt_image",
+    "image_too_small",
+    "decompression_bomb",
+)
+# A batch answers 200 with each bad image's error in its entry, so image codes are /predict's.
+PREDICT_CODES = (*_UPLOAD_CODES, *_IMAGE_CODES)
+BATCH_CODES = _UPLOAD_CODES
 
 
 def _multipart_body(field: str, many: bool) -> dict[str, Any]:
@@ -177,7 +160,7 @@ def _record(svc: Service, job: JobResult) -> None:
     summary="Classify one chest X-ray",
     response_model=PredictionResponse,
     response_model_exclude_none=True,
-    responses=_PREDICT_ERRORS,
+    responses=openapi_responses(*PREDICT_CODES),
     openapi_extra=_multipart_body(PREDICT_FIELD, many=False),
     dependencies=[Depends(require_api_key)],
 )
@@ -224,7 +207,7 @@ async def predict(
     tags=["prediction"],
     summary="Classify several chest X-rays in one request",
     response_model=BatchResponse,
-    responses=_BATCH_ERRORS,
+    responses=openapi_responses(*BATCH_CODES),
     openapi_extra=_multipart_body(BATCH_FIELD, many=True),
     dependencies=[Depends(require_api_key)],
 )
@@ -268,12 +251,7 @@ async def health() -> dict[str, str]:
     tags=["operations"],
     summary="Readiness",
     response_model=ReadyResponse,
-    responses={
-        503: _err(
-            "`not_ready`: the model is loading or warming up; "
-            "`Retry-After` says when to look again."
-        )
-    },
+    responses=openapi_responses("not_ready"),
 )
 async def ready(request: Request) -> dict[str, Any]:
     """200 once the model is loaded and one warm-up inference has run; 503 before."""
@@ -299,41 +277,9 @@ async def ready(request: Request) -> dict[str, Any]:
 )
 async def metrics(request: Request) -> PlainTextResponse:
     """Requests by route and status, latency, decode and inference histograms, in-flight, queue."""
-    m = request.app.state.metrics
     svc = getattr(request.app.state, "service", None)
-    gauges: list[tuple[str, str, tuple[tuple[str, str], ...], float]] = []
-    if isinstance(svc, Service):
-        p = svc.predictor
-        gauges = [
-            ("pneumonia_ready", "1 once the model is loaded and warmed up.", (), float(svc.ready)),
-            (
-                "pneumonia_inference_jobs",
-                "Inference jobs running or waiting.",
-                (),
-                float(svc.queue.admitted),
-            ),
-            (
-                "pneumonia_inference_running",
-                "Inference jobs running.",
-                (),
-                float(svc.queue.running),
-            ),
-            (
-                "pneumonia_inference_capacity",
-                "Most jobs running plus waiting.",
-                (),
-                float(svc.queue.capacity),
-            ),
-            (
-                "pneumonia_model_info",
-                "The model being served (value always 1).",
-                (("name", p.name), ("version", p.version), ("sha256", p.sha256)),
-                1.0,
-            ),
-        ]
-    return PlainTextResponse(
-        m.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    text = request.app.state.metrics.render(svc if isinstance(svc, Service) else None)
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
 @api.get("/model", tags=["operations"], summary="The model card", response_model=ModelCard)
