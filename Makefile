@@ -16,7 +16,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test lint venv install-serve install-test train export evaluate ship bench load clean
+.PHONY: serve test lint ruff mypy venv install-serve install-test train export evaluate ship bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,29 @@ venv: $(BIN)/python
 install-serve: $(BIN)/python
 	$(PIP) install .
 
-install-test: $(BIN)/python
+# Installed once per change of pyproject.toml or TEST_EXTRAS (a stamp in the venv), so that
+# `make lint` and the pre-commit hooks are quick after the first run.
+comma := ,
+TEST_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TEST_EXTRAS))
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[$(TEST_EXTRAS)]'
+	touch $@
+
+install-test: $(TEST_STAMP)
 
 serve: install-serve
 	$(BIN)/pneumonia serve
 
-lint: $(BIN)/python
+# ruff and mypy come with the test install (the dev extra; mypy also needs the packages it
+# checks against, torch included): on a fresh clone `make lint` installs them first.
+# .pre-commit-config.yaml runs these two targets.
+lint: ruff mypy
+
+ruff: install-test
 	$(BIN)/ruff check src tests benchmarks
+
+mypy: install-test
 	$(BIN)/mypy
 
 test: install-test lint

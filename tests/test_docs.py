@@ -80,3 +80,19 @@ def test_operations_names_only_real_metrics() -> None:
         assert name in rendered or f'"{name}"' in source, (
             f"docs/operations.md names {name}, which /metrics lacks"
         )
+
+
+def test_pre_commit_runs_what_make_lint_runs() -> None:
+    """Regression (issue 10): `make lint` called tools a fresh clone had not installed."""
+    import yaml
+
+    makefile = (REPO / "Makefile").read_text()
+    lint = re.search(r"^lint:(.*)$", makefile, re.MULTILINE)
+    assert lint is not None
+    lint_targets = lint.group(1).split()
+    config = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())
+    entries = [h["entry"] for repo in config["repos"] for h in repo["hooks"]]
+    assert entries == [f"make {t}" for t in lint_targets]
+    for target in lint_targets:  # each installs what it runs
+        rule = re.search(rf"^{target}:(.*)$", makefile, re.MULTILINE)
+        assert rule is not None and "install-test" in rule.group(1).split()

@@ -183,7 +183,8 @@ def _bits_to_int(bits: np.ndarray) -> int:
 def _dct_matrix(n: int) -> np.ndarray:
     """Unnormalised DCT-II, as ``scipy.fftpack.dct``: y[k] = 2 sum x[i] cos(pi k (2i+1) / 2n)."""
     k, i = np.mgrid[0:n, 0:n]
-    return 2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))
+    out: np.ndarray = 2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))
+    return out
 
 
 _DCT32 = _dct_matrix(32)
@@ -206,7 +207,8 @@ def dhash(img: Image.Image) -> int:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bitwise Hamming distances between uint64 arrays (broadcast)."""
     x = np.bitwise_xor(a, b)
-    return _POPCOUNT[np.ascontiguousarray(x).view(np.uint8)].reshape(*x.shape, 8).sum(-1)
+    out: np.ndarray = _POPCOUNT[np.ascontiguousarray(x).view(np.uint8)].reshape(*x.shape, 8).sum(-1)
+    return out
 
 
 def near_pair_arrays(hashes: Sequence[int | None], max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

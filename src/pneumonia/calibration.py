@@ -20,7 +20,8 @@ BIAS_BOUND = 20.0
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -z))
+    out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
+    return out
 
 
 def _scaled(logits: np.ndarray, temperature: float, bias: float) -> np.ndarray:

