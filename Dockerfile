@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The serving image: onnxruntime + numpy + Pillow + FastAPI and the shipped model. No torch.
 #   docker build -t pneumonia-detection . && docker run -p 8000:8000 pneumonia-detection
+# `make container` builds it and proves it at 0.1 CPU / 256 MB (benchmarks/container_check.py).
 
 # Build stage: the same `pip install .` that `make serve` runs and CI proves, into a venv
 # that the runtime stage copies whole (same base image, same path).
@@ -12,6 +13,21 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY artifacts ./artifacts
 RUN /opt/venv/bin/pip install .
+# Then drop what serving never loads, so the copied venv holds only the service: the plotting
+# library and what only it pulls in (`pneumonia evaluate --plots` is not run in this image;
+# each name is skipped once the package no longer depends on it), the test suites that
+# wheels ship, type stubs, build tooling (numpy's distutils and f2py; onnxruntime's
+# transformer fusion, quantization and conversion tools: an InferenceSession imports none of
+# it), and last pip and setuptools. Compiled .pyc files stay: they spare every cold start at
+# 0.1 CPU the compiling of the whole import chain.
+RUN /opt/venv/bin/pip uninstall -y -q matplotlib contourpy cycler fonttools kiwisolver pyparsing \
+        python-dateutil six \
+    && cd /opt/venv/lib/python3.11/site-packages \
+    && find . -depth -type d -name tests -exec rm -rf {} + \
+    && find . -name '*.pyi' -delete \
+    && rm -rf numpy/distutils numpy/f2py onnxruntime/transformers onnxruntime/quantization \
+        onnxruntime/tools onnxruntime/datasets \
+    && /opt/venv/bin/pip uninstall -y -q pip setuptools
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app

@@ -16,7 +16,8 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test lint ruff mypy venv install-serve install-test train export evaluate ship bench load clean
+.PHONY: serve test lint ruff mypy venv install-serve install-test train export evaluate ship bench load \
+	container container-original clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -95,6 +96,17 @@ bench: install-test
 # Run on an idle machine; e.g. make load LOAD_ARGS="--duration 600 --resize 1500x1200".
 load: install-test
 	$(BIN)/python benchmarks/load.py --json runs/load.json $(LOAD_ARGS)
+
+# The serving image built from the Dockerfile and proven on the target box, 0.1 CPU and 256 MB,
+# with podman (README "Container"): health, HEALTHCHECK, films, a batch, a heatmap, bad inputs,
+# a minute of load, the cgroup's peak memory, a clean stop. Needs only python3. Skips, saying how
+# to enable it, where podman cannot run; fails instead in CI (CI=true).
+container:
+	$(PYTHON) benchmarks/container_check.py --json runs/container.json $(CONTAINER_ARGS)
+
+# The re-created original TensorFlow stack as an image, run on the same box (expect an OOM kill).
+container-original:
+	$(PYTHON) benchmarks/container_original.py --json runs/container_original.json
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

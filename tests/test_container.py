@@ -109,6 +109,21 @@ def test_dockerfile_builds_a_lean_non_root_image() -> None:
     assert env["PATH"].startswith(f"{venv.group(1)}/bin:")
 
 
+def test_dockerfile_copies_a_venv_without_pip_or_plotting() -> None:
+    """Serving needs neither pip nor matplotlib at run time: the build stage uninstalls them
+    after the install, and the runtime stage copies only that venv (`make container` checks
+    the built image's venv holds neither)."""
+    build, final = dockerfile_stages()[0], dockerfile_stages()[-1]
+    runs = [i.args for i in build if i.keyword == "RUN"]
+    install = next(n for n, r in enumerate(runs) if re.search(r"\bpip install \.$", r))
+    after = " ".join(runs[install + 1 :])
+    assert re.search(r"pip uninstall [^&]*\bmatplotlib\b", after), after
+    assert re.search(r"pip uninstall [^&]*\bpip setuptools\b", after), after
+    assert not any(i.keyword == "RUN" and "pip" in i.args for i in final)
+    copies = [i.args for i in final if i.keyword == "COPY"]
+    assert copies == ["--from=build /opt/venv /opt/venv"]
+
+
 def test_dockerignore_keeps_data_runs_and_venvs_out() -> None:
     lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
     rules = [ln for ln in lines if ln and not ln.startswith("#")]
