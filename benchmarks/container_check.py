@@ -35,6 +35,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -293,10 +294,12 @@ def wait_until(port: int, name: str, path: str, deadline_s: float, t0: float) ->
         time.sleep(0.2)
 
 
-def first_prediction(port: int, big: bytes, t0: float, deadline_s: float) -> float:
+def first_prediction(port: int, film: bytes, t0: float, deadline_s: float, name: str) -> float:
+    """Seconds from t0 to the first 200 from /predict (polled every 0.2 s)."""
+    wait_until(port, name, "/health", deadline_s, t0)
     client = Client(port, timeout=60)
     while True:
-        status, payload = client.post("/predict", [Part("file", "big.jpeg", big, "image/jpeg")])
+        status, payload = client.post("/predict", [Part("file", "film", film)])
         if status == 200:
             return time.monotonic() - t0
         if status != 503 or time.monotonic() - t0 > deadline_s:  # 503 not_ready: warming up
@@ -469,6 +472,78 @@ def venv_report(tag: str) -> dict[str, Any]:
     return parsed
 
 
+def limits_and_health(name: str, res: Result, prefix: str) -> box.CgroupMemory:
+    """The box's limits as the container's cgroup has them, and its health check passing."""
+    mem = box.cgroup_memory(name)
+    quota = box.cpu_quota(name)
+    if mem.limit() != box.MEMORY_BYTES or quota is None or abs(quota - 0.1) > 1e-6:
+        raise box.CheckFailed(f"limits not enforced: memory {mem.limit()}, cpu quota {quota}")
+    res.ok(
+        f"{prefix}limits in the cgroup",
+        f"memory {mem.limit() // MIB} MiB, cpu {quota:g} (cgroup v{mem.version})",
+    )
+    hc = box.run(["podman", "healthcheck", "run", name], 60, check=False)
+    if hc.returncode != 0:
+        raise box.CheckFailed(f"podman healthcheck run: {hc.returncode} {hc.stdout}{hc.stderr}")
+    res.ok(f"{prefix}health check (podman healthcheck run)", "healthy")
+    return mem
+
+
+def stopped_cleanly(
+    name: str, mem: box.CgroupMemory, stop: list[str], res: Result, prefix: str
+) -> float:
+    """Run the stop command; the container must exit 0 and no OOM kill may have happened."""
+    oom = mem.oom_kills()
+    log(f"{prefix}stopping: {' '.join(stop[-2:])}")
+    t = time.monotonic()
+    box.run(stop, 120)
+    seconds = round(time.monotonic() - t, 2)
+    st = box.state(name)
+    if st.get("ExitCode") != 0 or st.get("OOMKilled") or oom:
+        raise box.CheckFailed(
+            f"{prefix}stop: exit code {st.get('ExitCode')}, OOMKilled {st.get('OOMKilled')}, "
+            f"oom_kill {oom}\n{box.logs(name)}"
+        )
+    res.ok(f"{prefix}stop", f"exit code 0 in {seconds} s, no OOM kill")
+    return seconds
+
+
+def compose_check(
+    compose: str, res: Result, work: Path, tag: str, project: str, films: dict[str, bytes]
+) -> None:
+    """docker-compose.yml's `deploy` service, as the file has it (0.1 CPU and 256 MB from
+    deploy.resources.limits, its environment, health check and restart policy), run by
+    podman-compose on the image just built. An override file gives it that image, a free
+    loopback port instead of 8000, and this machine's ulimits; runc as for `podman run`."""
+    port = free_port()
+    limits = box.ulimits()
+    override = work / "compose.override.yml"
+    override.write_text(
+        "services:\n  deploy:\n"
+        f"    image: {tag}\n"
+        f'    ports: !override\n      - "{HOST}:{port}:8000"\n'
+        "    ulimits:\n" + "".join(f"      {k}: {v}\n" for k, v in limits.items())
+    )
+    base = [compose, "--podman-args=--runtime runc", "-p", project]
+    base += ["-f", str(REPO / "docker-compose.yml"), "-f", str(override)]
+    name = f"{project}_deploy_1"
+    log(f"compose: {compose} up -d --no-build deploy (project {project})")
+    t0 = time.monotonic()
+    box.run([*base, "up", "-d", "--no-build", "deploy"], 300)
+    f = res.figures
+    f["compose_cold_predict_s"] = round(
+        first_prediction(port, films[next(iter(films))], t0, 180.0, name), 2
+    )
+    mem = limits_and_health(name, res, "compose: ")
+    client = Client(port)
+    for fname, data in films.items():
+        check_prediction(f"compose: {fname}", *client.post("/predict", [Part("file", fname, data)]))
+    client.close()
+    res.ok(f"compose: {len(films)} films", "200 each")
+    f["compose_peak_mb"] = round(mem.peak() / box.MB, 1)
+    stopped_cleanly(name, mem, [*base, "stop", "deploy"], res, "compose: ")
+
+
 def check(args: argparse.Namespace, res: Result, work: Path, tag: str, name: str) -> None:
     f = res.figures
     f["build_s"] = round(box.build(REPO, tag, None, args.build_timeout, TAG), 1)
@@ -494,18 +569,8 @@ def check(args: argparse.Namespace, res: Result, work: Path, tag: str, name: str
     port = free_port()
     t0 = box.run_limited(tag, name, {"PORT": str(port), "HOST": HOST}, TAG)
     f["cold_health_s"] = round(wait_until(port, name, "/health", args.start_timeout, t0), 2)
-    f["cold_predict_s"] = round(first_prediction(port, big, t0, args.start_timeout), 2)
-    mem = box.cgroup_memory(name)
-    quota = box.cpu_quota(name)
-    if mem.limit() != box.MEMORY_BYTES or quota is None or abs(quota - 0.1) > 1e-6:
-        raise box.CheckFailed(f"limits not enforced: memory {mem.limit()}, cpu quota {quota}")
-    res.ok(
-        "limits in the cgroup", f"memory {mem.limit() // MIB} MiB, cpu {quota:g} (v{mem.version})"
-    )
-    hc = box.run(["podman", "healthcheck", "run", name], 60, check=False)
-    if hc.returncode != 0:
-        raise box.CheckFailed(f"podman healthcheck run: {hc.returncode} {hc.stdout}{hc.stderr}")
-    res.ok("HEALTHCHECK (podman healthcheck run)", "healthy")
+    f["cold_predict_s"] = round(first_prediction(port, big, t0, args.start_timeout, name), 2)
+    mem = limits_and_health(name, res, "")
 
     check_inputs(port, films, made, res)
 
@@ -522,16 +587,19 @@ def check(args: argparse.Namespace, res: Result, work: Path, tag: str, name: str
 
     f["peak_mb"] = round(mem.peak() / box.MB, 1)
     f["rss_end_mb"] = round(mem.stat("total_rss" if mem.version == 1 else "anon") / box.MB, 1)
-    oom = mem.oom_kills()
-    f["stop_s"] = round(box.stop(name, 25, TAG), 2)
-    st = box.state(name)
-    f["exit_code"], f["oom_killed"] = st.get("ExitCode"), st.get("OOMKilled")
-    if st.get("ExitCode") != 0 or st.get("OOMKilled") or oom:
-        raise box.CheckFailed(
-            f"stop: exit code {st.get('ExitCode')}, OOMKilled {st.get('OOMKilled')}, "
-            f"oom_kill {oom}\n{box.logs(name)}"
-        )
-    res.ok("stop", f"exit code 0 in {f['stop_s']} s, no OOM kill")
+    f["stop_s"] = stopped_cleanly(name, mem, ["podman", "stop", "-t", "25", name], res, "")
+
+    if args.compose is None:
+        f["compose"] = "skipped: podman-compose not found (pip install podman-compose)"
+        log(f["compose"])
+        return
+    project = f"pdcompose{name.rsplit('-', 1)[-1]}"
+    try:
+        compose_check(args.compose, res, work, tag, project, films)
+    finally:
+        down = [args.compose, "-p", project, "-f", str(REPO / "docker-compose.yml"), "down"]
+        box.run(down, 180, check=False)
+    f["compose"] = "passed"
 
 
 def table(res: Result) -> str:
@@ -554,6 +622,11 @@ def table(res: Result) -> str:
             "ms",
         ),
         ("Peak memory (cgroup high-water mark)", f.get("peak_mb"), "MB"),
+        (
+            "docker-compose.yml `deploy` by podman-compose: first prediction / peak",
+            _pair(f.get("compose_cold_predict_s"), f.get("compose_peak_mb")),
+            "s / MB",
+        ),
         ("Image size", f.get("image_mb"), "MB"),
         ("Venv size (/opt/venv)", f.get("venv_mb"), "MB"),
         ("Build time", f.get("build_s"), "s"),
@@ -578,7 +651,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-script", type=Path, default=box.BASE_SCRIPT)
     p.add_argument("--keep-image", action="store_true", help="keep the built image")
     p.add_argument("--require", action="store_true", help="fail, not skip, without podman")
+    p.add_argument(
+        "--compose",
+        default="auto",
+        help="podman-compose to run docker-compose.yml's deploy service with after the check; "
+        "auto: on PATH or in the repo's .venv; none: skip that part",
+    )
     a = p.parse_args(argv)
+    if a.compose == "auto":
+        found = shutil.which("podman-compose") or REPO / ".venv" / "bin" / "podman-compose"
+        a.compose = str(found) if Path(found).is_file() else None
+    elif a.compose == "none":
+        a.compose = None
     if not (1 <= a.requests <= 1000 and 1 <= a.clients <= 16 and 0 < a.load_s <= 600):
         p.error("--requests 1..1000, --clients 1..16, --load-s up to 600")
     return a
@@ -599,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"container check SKIPPED: {exc}")
         return 0
+    if args.compose is None and (args.require or box.required()):
+        print("container check FAILED: podman-compose not found (pip install podman-compose)")
+        return 1
     suffix = uuid.uuid4().hex[:8]
     tag, name = f"localhost/pneumonia-detection-check:{suffix}", f"pd-check-{suffix}"
     res = Result()

@@ -130,14 +130,18 @@ def image_bytes(tag: str) -> int:
     return int(run(["podman", "image", "inspect", "--format", "{{.Size}}", tag], 60).stdout)
 
 
-def host_ulimits(want: int = 4096) -> list[str]:
-    """--ulimit flags no higher than this process's own hard limits (no CAP_SYS_RESOURCE here)."""
-    flags = []
+def ulimits(want: int = 4096) -> dict[str, int]:
+    """nofile and nproc no higher than this process's own hard limits (no CAP_SYS_RESOURCE)."""
+    limits = {}
     for name, res in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
         hard = resource.getrlimit(res)[1]
-        n = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        flags += ["--ulimit", f"{name}={n}:{n}"]
-    return flags
+        limits[name] = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    return limits
+
+
+def host_ulimits() -> list[str]:
+    """The --ulimit flags of ulimits()."""
+    return [f for name, n in ulimits().items() for f in ("--ulimit", f"{name}={n}:{n}")]
 
 
 def run_limited(tag: str, name: str, env: dict[str, str], who: str) -> float:
@@ -252,14 +256,6 @@ def cpu_quota(name: str) -> float | None:
 def logs(name: str, n: int = 40) -> str:
     proc = run(["podman", "logs", "--tail", str(n), name], 60, check=False)
     return (proc.stdout + proc.stderr).strip()
-
-
-def stop(name: str, grace_s: int, who: str) -> float:
-    """SIGTERM, then SIGKILL after grace_s; returns the seconds the stop took."""
-    log(who, f"stopping {name} (SIGTERM, {grace_s} s grace)")
-    t0 = time.monotonic()
-    run(["podman", "stop", "-t", str(grace_s), name], grace_s + 60, check=False)
-    return time.monotonic() - t0
 
 
 @contextmanager

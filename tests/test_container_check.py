@@ -35,7 +35,11 @@ def _check_without_podman(tmp_path: Path, ci: str | None) -> subprocess.Complete
     if ci is not None:
         env["CI"] = ci
     return subprocess.run(
-        [sys.executable, str(BENCH / "container_check.py"), "--base-script", str(tmp_path / "no")],
+        [
+            sys.executable,
+            str(BENCH / "container_check.py"),
+            *("--base-script", str(tmp_path / "no"), "--compose", "none"),
+        ],
         env=env,
         capture_output=True,
         text=True,
