@@ -270,14 +270,17 @@ def cleanup(containers: Sequence[str], images: Sequence[str], keep_image: bool) 
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, _exit) for s in (signal.SIGTERM, signal.SIGHUP)}
+    removals = [["podman", "rm", "-f", "-t", "5", name] for name in containers]
+    if not keep_image:
+        removals += [["podman", "rmi", "-f", tag] for tag in images]
     try:
         yield
     finally:
-        for name in containers:
-            run(["podman", "rm", "-f", "-t", "5", name], 90, check=False)
-        if not keep_image:
-            for tag in images:
-                run(["podman", "rmi", "-f", tag], 90, check=False)
+        for args in removals:
+            try:  # a large image takes minutes to delete on a busy disk
+                run(args, 600, check=False)
+            except CheckFailed as exc:
+                log("cleanup", f"{exc}; remove it by hand")
         for s, handler in previous.items():
             signal.signal(s, handler)
 
