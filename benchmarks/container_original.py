@@ -146,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(f: dict[str, Any]) -> str:
     if f.get("outcome") == "stopped":
-        how = "OOM-killed" if f.get("oom_killed") or f.get("oom_kills") else "exited"
+        # Podman's OOMKilled and the cgroup's oom_kill count can both miss the kill here (the
+        # cgroup goes with the container between two samples); the kernel's line does not.
+        kernel_oom = "Memory cgroup out of memory" in str(f.get("kernel"))
+        oom = (
+            f.get("oom_killed") or f.get("oom_kills") or (f.get("exit_code") == 137 and kernel_oom)
+        )
+        how = "OOM-killed" if oom else "exited"
         outcome = (
             f"{how} {f['stopped_after_s']} s after start (exit code {f.get('exit_code')}), "
             "never answered"
@@ -159,7 +165,7 @@ def table(f: dict[str, Any]) -> str:
         ("Outcome", outcome),
         ("Memory cgroup high-water mark before it ended", f"{f.get('peak_mb', '-')} MB"),
         ("Anonymous memory (largest sample)", f"{f.get('anon_mb', '-')} MB"),
-        ("cgroup oom_kill count", f.get("oom_kills", "-")),
+        ("cgroup oom_kill count (last sample)", f.get("oom_kills", "-")),
         ("Kernel log", f.get("kernel") or "not readable here"),
         ("Image size", f"{f.get('image_mb', '-')} MB"),
         ("Build time", f"{f.get('build_s', '-')} s"),
