@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,19 @@ def test_wheel_from_the_docker_context_carries_model_and_web_page(tmp_path: Path
     expected |= {f"pneumonia/artifacts/{p.name}" for p in (REPO / "artifacts").glob("model.*")}
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_every_subpackage_is_installed() -> None:
+    """Regression: pneumonia._decode was missing from pyproject's package list, so `pip install .`
+    (the image, `make serve`) installed a package whose import failed, which the editable install
+    of the suite hid; `make container` caught it."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    src = REPO / "src"
+    found = {
+        ".".join(init.parent.relative_to(src).parts)
+        for init in src.glob("pneumonia/**/__init__.py")
+    }
+    assert found <= set(config["packages"]), sorted(found - set(config["packages"]))
 
 
 def _free_port() -> int:
