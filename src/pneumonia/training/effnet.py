@@ -48,6 +48,12 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding: output side ceil(input / stride)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == (1, 1) and torch.onnx.is_in_onnx_export():
+            # Odd kernel, stride 1: "SAME" is symmetric, so the exported convolution pads by
+            # itself (no separate Pad node). Same values; training keeps the explicit pad so
+            # that runs stay bit-reproducible across this change.
+            kh, kw = self.kernel_size
+            return F.conv2d(x, self.weight, self.bias, 1, (kh // 2, kw // 2), self.dilation, self.groups)
         ih, iw = int(x.shape[-2]), int(x.shape[-1])
         kh, kw = self.kernel_size
         sh, sw = self.stride

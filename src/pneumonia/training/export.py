@@ -139,6 +139,12 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     )
     proto = onnx.load(str(tmp))
     tmp.unlink()
+    # Fold what the tracer left as run-time arithmetic (the pads of the stride-2 "SAME"
+    # convolutions are reversed with a step -1 Slice that torch's folding skips), so
+    # onnxruntime sees constants it can fuse: EfficientNet-Lite0 runs about 1.6x faster.
+    import onnxscript.optimizer
+
+    proto = onnxscript.optimizer.optimize(proto)
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = CARD_METADATA_KEY, json.dumps(card)
