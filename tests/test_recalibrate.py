@@ -158,3 +158,11 @@ def test_refuses_to_overwrite_the_input_and_one_class_sites(tiny_model: Path, sy
     assert "input model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="both NORMAL and PNEUMONIA"):
         recalibrate_scores(np.zeros(4), np.ones(4), list("abcd"), original=(1, 0, 0.5), rule="youden", min_sensitivity=0.9)
+
+
+def test_card_command_shows_the_site_section(site_model: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = site_model
+    md = tmp_path / "card.md"
+    assert main(["card", "--model", str(out), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "## Site recalibration" in text and "Ranking is unchanged by design" in text

@@ -181,7 +181,12 @@ def cmd_card(a: argparse.Namespace) -> int:
     test = json.loads(a.report.read_text()) if a.report else None
     base = json.loads(a.baseline.read_text()) if a.baseline else None
     prev = (a.previous_label, json.loads(a.previous.read_text())) if a.previous else None
-    a.out.write_text(render_model_card(card, test, base, prev))
+    text = render_model_card(card, test, base, prev)
+    if card.get("site_recalibration"):  # a model refitted by `pneumonia recalibrate`
+        from pneumonia.recalibrate import render_site_section
+
+        text += "\n" + render_site_section(card)
+    a.out.write_text(text)
     return 0
 
 
