@@ -350,7 +350,7 @@ def check_inputs(port: int, films: dict[str, bytes], made: Path, res: Result) ->
             "truncated JPEG",
             client.post("/predict", [Part("file", "t.jpeg", big[: len(big) // 3])]),
             422,
-            "undecodable_image",
+            "corrupt_image",
         ),
         (
             "16x16 PNG",
