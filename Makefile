@@ -1,6 +1,7 @@
 # The two commands of the README, and the ones around them.
 #   make serve   create .venv, install the serving dependencies only, serve the shipped model on :8000
 #   make test    create .venv, install everything the tests need, run lint, types and the whole suite
+#   make test-fast  the tests not marked slow (no server processes, no container builds): the quick loop
 # Every target creates .venv with `$(PYTHON) -m venv` when it is missing.
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test lint ruff mypy venv install-serve install-test train export evaluate ship bench load \
+.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship bench load \
 	container container-original clean
 
 $(BIN)/python:
@@ -55,6 +56,10 @@ mypy: install-test
 
 test: install-test lint
 	$(BIN)/python -m pytest
+
+# Everything not marked slow (pytest -m "not slow"): under a minute on an idle 2-core machine.
+test-fast: install-test
+	$(BIN)/python -m pytest -m "not slow" -q
 
 train: install-test
 	$(BIN)/pneumonia train --data $(DATA) --out $(RUN)

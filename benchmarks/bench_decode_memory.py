@@ -26,12 +26,10 @@ import argparse
 import io
 import json
 import math
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,14 +37,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common import dicom_bytes, logger, png_of_zeros, self_status_kib
 from pneumonia.preprocess import MAX_PIXELS
 
 SPEC_SIZE = 192
 WARMUP_SIDE = 256
 
-
-def log(msg: str) -> None:
-    print(f"[bench_decode_memory] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_decode_memory")
 
 
 # --- synthetic films ---------------------------------------------------------------------------
@@ -85,78 +82,13 @@ def _palette_png(g16: np.ndarray) -> bytes:
     return _save(img, "PNG", compress_level=1)
 
 
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_of_zeros(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of zeros: a few KB for any size (legal, but bomb-like)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    row = b"\x00" * (1 + (width + 7) // 8)
-    comp = zlib.compressobj(9)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def dicom(
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits: int = 12,
-    syntax: str = "1.2.840.10008.1.2.1",
-    **attrs: Any,
-) -> bytes:
-    """A CR DICOM holding ``pixels`` (uint16 if 2-D, else 8-bit RGB), in transfer ``syntax``
-    (Explicit VR Little Endian, Deflated, or RLE Lossless)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        UID,
-        ExplicitVRLittleEndian,
-        RLELossless,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.PhotometricInterpretation = photometric
-    if pixels.ndim == 3:
-        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.PixelData = pixels.astype(np.uint8).tobytes()
-    else:
-        ds.SamplesPerPixel = 1
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    if syntax == RLELossless:
-        ds.compress(RLELossless)
-    else:
-        ds.file_meta.TransferSyntaxUID = UID(syntax)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _jpeg_dicom(g16: np.ndarray) -> bytes:
     """An 8-bit grayscale DICOM in the JPEG Baseline transfer syntax (one fragment)."""
     import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit
 
-    ds = pydicom.dcmread(io.BytesIO(dicom(np.zeros((8, 8), np.uint16))))
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((8, 8), np.uint16))))
     ds.Rows, ds.Columns = g16.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     ds.PixelData = encapsulate([_save(_gray8(g16), "JPEG", quality=90)])
@@ -174,7 +106,7 @@ def _voi_lut_dicom(g16: np.ndarray) -> bytes:
     item.LUTDescriptor = [4096, 0, 16]
     item.LUTData = [round(65535 * (i / 4095) ** 0.6) for i in range(4096)]  # a gamma curve
     item["LUTData"].VR = "US"
-    return dicom(g16 >> 4, VOILUTSequence=[item])
+    return dicom_bytes(g16 >> 4, VOILUTSequence=[item])
 
 
 #: Every accepted format and mode: name -> builder(16-bit film) -> file bytes.
@@ -195,15 +127,15 @@ CASES: dict[str, Callable[[np.ndarray], bytes]] = {
     "PNG RGBA": lambda g: _save(_gray8(g).convert("RGBA"), "PNG", compress_level=1),
     "PNG palette": _palette_png,
     "PNG 1-bit zeros": lambda g: png_of_zeros(g.shape[1], g.shape[0]),
-    "DICOM MONO2 16-bit": lambda g: dicom(g, bits=16),
-    "DICOM MONO1 12-bit": lambda g: dicom(4095 - (g >> 4), "MONOCHROME1"),
-    "DICOM rescale+window": lambda g: dicom(
+    "DICOM MONO2 16-bit": lambda g: dicom_bytes(g, bits=16),
+    "DICOM MONO1 12-bit": lambda g: dicom_bytes(4095 - (g >> 4), "MONOCHROME1"),
+    "DICOM rescale+window": lambda g: dicom_bytes(
         g >> 4, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=2500, WindowWidth=3000
     ),
     "DICOM VOI LUT": _voi_lut_dicom,
-    "DICOM RGB 8-bit": lambda g: dicom(np.dstack([g >> 8] * 3), "RGB"),
-    "DICOM deflated": lambda g: dicom(g >> 4, syntax="1.2.840.10008.1.2.1.99"),
-    "DICOM RLE": lambda g: dicom(g >> 4, syntax="1.2.840.10008.1.2.5"),
+    "DICOM RGB 8-bit": lambda g: dicom_bytes(np.dstack([g >> 8] * 3), "RGB"),
+    "DICOM deflated": lambda g: dicom_bytes(g >> 4, transfer_syntax="1.2.840.10008.1.2.1.99"),
+    "DICOM RLE": lambda g: dicom_bytes(g >> 4, transfer_syntax="1.2.840.10008.1.2.5"),
     "DICOM JPEG baseline": _jpeg_dicom,
 }
 
@@ -220,13 +152,6 @@ DEFAULT_SIZES = [(224, 224), (2000, 1600), (4300, 3500), (4096, 4096), (5792, 57
 # --- one measurement, in a fresh process --------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(warmup: Path, path: Path) -> dict[str, Any]:
     """Decode ``path`` once after a warm-up decode; the peak resident memory it added."""
     import pydicom  # noqa: F401  (imported before the baseline, as in the service)
@@ -237,7 +162,7 @@ def child(warmup: Path, path: Path) -> dict[str, Any]:
     preprocess_bytes(warmup.read_bytes(), spec)
     data = path.read_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-    base = _status_kib("VmRSS")
+    base = self_status_kib("VmRSS")
     t0 = time.perf_counter()
     try:
         preprocess_bytes(data, spec)
@@ -245,7 +170,7 @@ def child(warmup: Path, path: Path) -> dict[str, Any]:
     except ImageError as exc:
         outcome = exc.code
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = self_status_kib("VmHWM")
     return {"added_kib": peak - base, "outcome": outcome, "seconds": seconds}
 
 

@@ -32,53 +32,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_serve import rss_bytes, tree_pids
+from common import TreeSampler, logger
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TEST = REPO.parent / "shared" / "data" / "chest_xray" / "test"
 ENGINES = ("one", "pool", "ray")
 SAMPLE_INTERVAL_S = 0.2
 
-
-def log(msg: str) -> None:
-    print(f"[bench_score] {msg}", file=sys.stderr, flush=True)
-
-
-def pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-class PeakMemory(threading.Thread):
-    """Peak summed RSS and PSS of a process tree, sampled until stopped."""
-
-    def __init__(self, root: int) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.rss = 0
-        self.pss = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            pids = tree_pids(self.root)
-            self.rss = max(self.rss, sum(rss_bytes(p) for p in pids))
-            self.pss = max(self.pss, sum(pss_bytes(p) for p in pids))
-            self._halt.wait(SAMPLE_INTERVAL_S)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=5)
+log = logger("bench_score")
 
 
 def test_images(data: Path) -> list[Path]:
@@ -123,7 +88,7 @@ def run_engine(engine: str, src: Path, out: Path, model: Path, batch_size: int) 
     log(f"{engine}: {' '.join(cmd)}")
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mem = PeakMemory(proc.pid)
+    mem = TreeSampler(proc.pid, SAMPLE_INTERVAL_S, pss=True)
     mem.start()
     stdout, stderr = proc.communicate()
     wall = time.monotonic() - start
@@ -131,7 +96,7 @@ def run_engine(engine: str, src: Path, out: Path, model: Path, batch_size: int) 
     if proc.returncode != 0:
         raise SystemExit(f"{engine} failed ({proc.returncode}):\n{stderr[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
-    return {"engine": engine, "wall_s": wall, "summary": summary, "rss": mem.rss, "pss": mem.pss}
+    return {"engine": engine, "wall_s": wall, "summary": summary, "rss": mem.peak, "pss": mem.peak_pss}
 
 
 def predictions(out: Path) -> dict[str, tuple[str | None, float | None]]:

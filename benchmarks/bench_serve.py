@@ -38,8 +38,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,140 +49,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import (
+    DEFAULT_OURS_CMD,
+    HOST,
+    MB,
+    TreeSampler,
+    cpu_seconds,
+    free_port,
+    logger,
+    multipart,
+    ours_command,
+    percentile,
+    process_tree,
+    stop_process,
+    synthetic_film,
+    tail,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 ORIGINAL_APP_DIR = BENCH / "original_stack"
 DEFAULT_ORIGINAL_VENV = BENCH / ".venv-original"
 SHARED_TEST = REPO.parent / "shared" / "data" / "chest_xray" / "test"
-HOST = "127.0.0.1"
 UPLOAD_SIZE = (1500, 1200)  # width, height of the full-size upload
 SAMPLE_INTERVAL_S = 0.05
-MB = 1_000_000  # memory is reported in MB = 10^6 bytes, the stricter reading of "120 MB"
 VCPU_FRACTION = 0.1
-DEFAULT_OURS_CMD = "{pneumonia} serve --host {host} --port {port}"
 
 # Targets from issue 3, "Speed and memory": (metric key, comparison, bound) on ours/original.
 PEAK_MB_LIMIT = 120.0
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- process tree via /proc
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def tree_pids(root: int) -> list[int]:
-    """``root`` and all its descendants that are alive now."""
-    try:
-        import psutil
-
-        proc = psutil.Process(root)
-        return [root, *(c.pid for c in proc.children(recursive=True))]
-    except ImportError:
-        pass
-    except Exception:  # the process is gone
-        return []
-    children = _children_map()
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def hwm_bytes(pid: int) -> int:
-    """The kernel's peak RSS of one process (VmHWM), exact however short the spike."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / _TICK
-
-
-class TreeSampler(threading.Thread):
-    """Samples the summed RSS of a process tree every ``interval`` seconds until stopped."""
-
-    def __init__(self, root: int, interval: float = SAMPLE_INTERVAL_S) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self.hwm = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            pids = tree_pids(self.root)
-            self.peak = max(self.peak, sum(rss_bytes(p) for p in pids))
-            self.samples += 1
-            self._halt.wait(self.interval)
-
-    def current(self) -> int:
-        return sum(rss_bytes(p) for p in tree_pids(self.root))
-
-    def stop(self) -> None:
-        """Stop sampling; first record the summed VmHWM of the still-running tree."""
-        self.hwm = sum(hwm_bytes(p) for p in tree_pids(self.root))
-        self._halt.set()
-        self.join(timeout=5)
+log = logger("bench")
 
 
 # ---------------------------------------------------------------------------- HTTP client
-
-
-def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
-    boundary = "bench" + hashlib.sha256(data).hexdigest()[:24]
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode()
-    return (
-        head + data + f"\r\n--{boundary}--\r\n".encode(),
-        f"multipart/form-data; boundary={boundary}",
-    )
 
 
 @dataclass
@@ -242,17 +140,6 @@ def check_ok(status: int, payload: bytes) -> bool:
         return False
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method)."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 # ------------------------------------------------------------------------------- servers
 
 
@@ -264,35 +151,6 @@ class ServerSpec:
     cwd: Path
     requests: int
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's own process group (we started it in a new session), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 class ServerFailed(RuntimeError):
@@ -407,7 +265,7 @@ def bench_server(
         proc = subprocess.Popen(
             cmd, env=env, cwd=spec.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    sampler = TreeSampler(proc.pid)
+    sampler = TreeSampler(proc.pid, SAMPLE_INTERVAL_S)
     sampler.start()
     result: dict[str, Any] = {"name": spec.name, "command": shlex.join(cmd), **spec.info}
     try:
@@ -416,11 +274,11 @@ def bench_server(
         result["rss_after_first_prediction_mb"] = sampler.current() / MB
         log(f"{spec.name}: first prediction after {cold:.2f} s")
         sequential(port, up, args.warmup, args.request_timeout)
-        pids = tree_pids(proc.pid)
+        pids = process_tree(proc.pid)
         cpu0, w0 = cpu_seconds(pids), time.perf_counter()
         lat, errors = sequential(port, up, spec.requests, args.request_timeout)
         wall = time.perf_counter() - w0
-        cpu = cpu_seconds(tree_pids(proc.pid)) - cpu0
+        cpu = cpu_seconds(process_tree(proc.pid)) - cpu0
         result["sequential"] = {
             "n": spec.requests,
             "ok": len(lat),
@@ -495,21 +353,6 @@ def make_upload(image: Path | None, workdir: Path) -> Upload:
     return Upload(data, *multipart(data, "upload.jpeg"), source=source, size=gray.size)
 
 
-def synthetic_film(size: tuple[int, int]) -> Any:
-    """A deterministic chest-film-like grayscale image (bright body, two dark lungs, noise)."""
-    import numpy as np
-    from PIL import Image
-
-    w, h = size
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w]
-    yy, xx = yy / h, xx / w
-    img = 0.75 - 0.3 * np.exp(-(((xx - 0.3) / 0.13) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    img -= 0.3 * np.exp(-(((xx - 0.7) / 0.13) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    img += rng.normal(0, 0.03, img.shape)
-    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
-
-
 def build_original_model(python: Path, workdir: Path) -> dict[str, Any]:
     out = workdir / "original_model.h5"
     log(f"original: building the 8.4M-parameter Keras CNN with random weights -> {out}")
@@ -529,18 +372,6 @@ def build_original_model(python: Path, workdir: Path) -> dict[str, Any]:
         f"(TensorFlow {info['tensorflow']}, Keras {info['keras']})"
     )
     return info
-
-
-def ours_command(template: str) -> list[str]:
-    exe = Path(sys.executable).parent / "pneumonia"
-    pneumonia = str(exe) if exe.exists() else (shutil.which("pneumonia") or "pneumonia")
-    subs = {"{pneumonia}": pneumonia, "{python}": sys.executable, "{host}": HOST}
-    cmd = []
-    for token in shlex.split(template):
-        for key, value in subs.items():
-            token = token.replace(key, value)
-        cmd.append(token)
-    return cmd
 
 
 def onnxruntime_version() -> str:

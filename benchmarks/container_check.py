@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import podman_box as box
-from bench_serve import free_port, percentile
+from common import free_port, percentile
 
 REPO = box.REPO
 SHARED_TEST = REPO.parent / "shared" / "data" / "chest_xray" / "test"
@@ -75,8 +75,9 @@ def make_upload(out: Path, source: Path | None) -> Any:
     """
     import io
 
-    from bench_serve import synthetic_film
     from PIL import Image
+
+    from common import synthetic_film
 
     if source is not None:
         with Image.open(source) as im:

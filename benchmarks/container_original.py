@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import podman_box as box
-from bench_serve import free_port
+from common import free_port
 from container_check import Client, Part, films_from_image, shared_films
 
 TAG = "original"

@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -50,21 +49,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_serve import (
+
+from common import (
     DEFAULT_OURS_CMD,
     HOST,
     MB,
+    TreeSampler,
     cpu_seconds,
     free_port,
     hwm_bytes,
+    logger,
     multipart,
     ours_command,
     percentile,
-    rss_bytes,
+    process_tree,
     stop_process,
     synthetic_film,
     tail,
-    tree_pids,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,7 @@ BUSY_CODES = ("queue_full", "queue_timeout")
 #: A memory slope over less of the load phase than this is noise, not judged.
 MIN_SLOPE_MINUTES = 1.0
 
-
-def log(msg: str) -> None:
-    print(f"[load] {msg}", file=sys.stderr, flush=True)
+log = logger("load")
 
 
 # -------------------------------------------------------------------------------- uploads
@@ -133,32 +132,6 @@ def load_uploads(
 
 
 # --------------------------------------------------------------------------------- memory
-
-
-class MemorySampler(threading.Thread):
-    """Summed RSS of a process tree every ``interval`` seconds, labelled with the phase."""
-
-    def __init__(self, root: int, interval: float) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.interval = interval
-        self.phase = "start"
-        self.t0 = time.monotonic()
-        self.samples: list[tuple[float, float, str]] = []  # (seconds, MB, phase)
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            mb = sum(rss_bytes(p) for p in tree_pids(self.root)) / MB
-            self.samples.append((round(time.monotonic() - self.t0, 3), round(mb, 2), self.phase))
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=5)
-
-    def of(self, phase: str) -> list[tuple[float, float]]:
-        return [(t, mb) for t, mb, p in self.samples if p == phase]
 
 
 def memory_summary(samples: Sequence[tuple[float, float]]) -> dict[str, Any]:
@@ -665,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.Popen(
                 cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        sampler = MemorySampler(proc.pid, args.sample_interval)
+        sampler = TreeSampler(proc.pid, args.sample_interval, keep=True)
         sampler.start()
         try:
             result["ready_s"] = wait_ready(proc, url, args.start_timeout)
@@ -681,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pid": proc.pid,
             }
             time.sleep(2 * args.sample_interval)  # a couple of samples at rest
-            result["memory"]["ready_mb"] = sum(rss_bytes(p) for p in tree_pids(proc.pid)) / MB
+            result["memory"]["ready_mb"] = sampler.current() / MB
             log(
                 f"ready after {result['ready_s']:.1f} s, RSS {result['memory']['ready_mb']:.1f} MB, capacity {capacity}"
             )
@@ -689,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(
                 steady(url, uploads, Phase("warm-up", args.clients), 3.0, 200, args.request_timeout)
             )
-            cpu0, client_cpu0 = cpu_seconds(tree_pids(proc.pid)), time.process_time()
+            cpu0, client_cpu0 = cpu_seconds(process_tree(proc.pid)), time.process_time()
             sampler.phase = "load"
             log(f"load: {args.clients} clients for {args.duration:.0f} s")
             load = asyncio.run(
@@ -704,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             result["phases"]["load"] = load.summary()
             result["load_cpu_s"] = {
-                "server": cpu_seconds(tree_pids(proc.pid)) - cpu0,
+                "server": cpu_seconds(process_tree(proc.pid)) - cpu0,
                 "load_client": time.process_time() - client_cpu0,
             }
             log(
@@ -747,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.phase = "end"
             final = metrics(url)
             result["server_5xx"] = server_5xx(final)
-            result["memory"]["hwm_mb"] = sum(hwm_bytes(p) for p in tree_pids(proc.pid)) / MB
+            result["memory"]["hwm_mb"] = sum(hwm_bytes(p) for p in process_tree(proc.pid)) / MB
         finally:
             sampler.stop()
             stop_process(proc)
@@ -761,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"--- last lines of the server log ---\n{tail(logfile, 30)}")
     for phase in ("load", "burst", "recovery"):
         result["memory"][phase] = memory_summary(sampler.of(phase))
-    result["memory"]["curve"] = sampler.samples
+    result["memory"]["curve"] = sampler.series
     result["checks"] = checks(result, args.max_slope)
     print(markdown(result))
     if args.json:

@@ -204,6 +204,7 @@ def test_banded_near_pairs_equal_brute_force() -> None:
         near_pairs(hashes, 8)
 
 
+@pytest.mark.slow  # reads the whole real data set
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA}")
 def test_real_data_stretch_shortcut_and_trainer_split() -> None:
     samples = list_split(SHARED_DATA / "train")

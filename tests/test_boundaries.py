@@ -19,8 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.common import dicom_bytes
 from conftest import jpeg_bytes, synthetic_xray
-from serve_util import dicom_bytes, running_server, serve_command
+from serve_util import running_server, serve_command
 
 REPO = Path(__file__).resolve().parents[1]
 BANNED = ("torch", "matplotlib", "tqdm", "pneumonia.training")
@@ -160,8 +161,9 @@ from pneumonia.serve.app import create_app
 from pneumonia.serve.settings import Settings
 from fastapi.testclient import TestClient
 sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path.insert(0, {str(REPO)!r})
 from conftest import jpeg_bytes
-from serve_util import dicom_bytes
+from benchmarks.common import dicom_bytes
 import numpy as np
 with TestClient(create_app(Settings(model_path={str(tiny_model)!r}))) as c:
     r = c.post("/predict?heatmap=true", files={{"file": ("a.jpeg", jpeg_bytes())}})

@@ -143,6 +143,7 @@ def test_dockerignore_keeps_data_runs_and_venvs_out() -> None:
     assert not included & {"data", "runs", ".venv", "benchmarks", "tests"}
 
 
+@pytest.mark.slow  # builds a wheel
 def test_wheel_from_the_docker_context_carries_model_and_web_page(tmp_path: Path) -> None:
     """Build the wheel from exactly what the Dockerfile copies, as its build stage does."""
     context = tmp_path / "context"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.common import damage_png
 from conftest import encode, jpeg_bytes, make_split, synthetic_xray
 from pneumonia.data import (
     DatasetLayoutError,
@@ -20,7 +21,6 @@ from pneumonia.data import (
     resolve_split,
 )
 from pneumonia.preprocess import PreprocessSpec
-from serve_util import damage_png
 
 SPEC = PreprocessSpec(size=32)
 
@@ -247,6 +247,7 @@ def test_format_comes_from_the_bytes_not_the_name(tmp_path: Path) -> None:
 # --- the commands report skipped files ------------------------------------------------------
 
 
+@pytest.mark.slow  # trains
 def test_train_command_reports_skipped_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -67,6 +67,7 @@ def test_same_padding_gives_ceil_sizes() -> None:
         assert torch.allclose(logit, cam.mean((1, 2)), atol=1e-5)
 
 
+@pytest.mark.slow  # exports to ONNX
 def test_onnx_export_agrees_with_torch(tmp_path: Path) -> None:
     import onnxruntime
 

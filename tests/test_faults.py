@@ -25,9 +25,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from benchmarks.common import read_response
 from conftest import jpeg_bytes
 from pneumonia.predictor import CARD_METADATA_KEY, ModelLoadError, Predictor
-from serve_util import ServerProcess, read_response, running_server, serve_command
+from serve_util import ServerProcess, running_server, serve_command
 
 pytestmark = pytest.mark.slow
 

@@ -21,10 +21,13 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from benchmarks.common import dicom_bytes
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.serve.app import create_app
 from pneumonia.serve.settings import Settings
-from serve_util import dicom_bytes
+
+#: Schema-driven fuzzing of every operation: the longest tests outside the server suites.
+pytestmark = pytest.mark.slow
 
 with warnings.catch_warnings():
     # Starlette 1.x nags about httpx inside its TestClient; the client still works.

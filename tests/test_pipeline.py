@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.common import damage_png
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.cli import main
-from serve_util import damage_png
 
 
 def test_run_folder_holds_config_history_checkpoint(tiny_run: Path) -> None:
@@ -57,6 +57,7 @@ def test_card_carries_what_serving_needs(tiny_model: Path, tiny_card: dict) -> N
     assert "Not a diagnostic device" in md or "not a diagnostic device" in md
 
 
+@pytest.mark.slow  # draws every plot
 def test_evaluate_cli_writes_report_and_plots(tiny_model: Path, tiny_run: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report.json"
     plots = tmp_path / "plots"

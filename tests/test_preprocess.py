@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from benchmarks.common import damage_png, dicom_bytes, png_chunk, png_chunk_span, png_raw
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.preprocess import (
     CorruptImageError,
@@ -31,7 +32,6 @@ from pneumonia.preprocess import (
     sniff_format,
 )
 from pneumonia.serve.errors import image_error_status
-from serve_util import damage_png, png_chunk, png_chunk_span
 
 SPEC = PreprocessSpec(size=64)
 
@@ -258,19 +258,6 @@ def _png_rows(width: int, height: int, bits: int, interlaced: bool) -> bytes:
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
-def _png(width: int, height: int, raw: bytes, depth: int = 8, colour: int = 0, interlace: int = 0) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
-    return (
-        PNG_SIGNATURE
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(raw))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 @pytest.mark.parametrize("interlaced", [False, True])
 @pytest.mark.parametrize(("depth", "colour", "samples"), [(1, 0, 1), (8, 0, 1), (16, 0, 1), (8, 2, 3), (8, 6, 4)])
 def test_the_png_image_data_length_check_follows_the_header(
@@ -279,10 +266,12 @@ def test_the_png_image_data_length_check_follows_the_header(
     """Exactly the bytes the header asks for decode (interlaced too: per Adam7 pass); one byte
     more or fewer is corrupt."""
     raw = _png_rows(37, 41, depth * samples, interlaced)
-    assert decode_gray(_png(37, 41, raw, depth, colour, int(interlaced))).shape == (41, 37)
+    assert decode_gray(png_raw(37, 41, zlib.compress(raw), depth=depth, colour=colour, interlace=int(interlaced))).shape == (41, 37)
     for wrong in (raw[:-1], raw + b"\x00"):
         with pytest.raises(CorruptImageError, match="inflates to"):
-            decode_gray(_png(37, 41, wrong, depth, colour, int(interlaced)))
+            decode_gray(
+                png_raw(37, 41, zlib.compress(wrong), depth=depth, colour=colour, interlace=int(interlaced))
+            )
 
 
 @pytest.mark.parametrize(
@@ -311,8 +300,7 @@ def test_damaged_png_is_corrupt_naming_the_check(damage: Any, match: str) -> Non
 def test_png_image_data_cut_inside_its_zlib_stream_is_corrupt() -> None:
     raw = _png_rows(64, 64, 8, False)
     idat = zlib.compress(raw)[:-40]  # chunks intact, the stream itself ends early
-    data = PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
-    data += png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    data = png_raw(64, 64, idat)
     with pytest.raises(CorruptImageError, match="ends before its zlib stream"):
         decode_gray(data)
 
@@ -337,19 +325,12 @@ def test_tiny_image_is_refused(fmt: str) -> None:
 def _png_of_zeros(width: int, height: int, palette: bool, rgba: bool = False) -> bytes:
     """A valid PNG of ``width x height`` zeros (1-bit gray or palette, or 8-bit RGBA) that
     compresses to a few kilobytes, or a few hundred for RGBA."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    color_type, depth = (6, 8) if rgba else (3 if palette else 0, 1)
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    colour, depth = (6, 8) if rgba else (3 if palette else 0, 1)
     row = b"\x00" * (1 + (4 * width if rgba else (width + 7) // 8))
     comp = zlib.compressobj(9)
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    plte = chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") if palette else b""
-    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte
-    return head + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    plte = png_chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") if palette else b""
+    return png_raw(width, height, idat, plte, depth=depth, colour=colour)
 
 
 @pytest.mark.parametrize(
@@ -463,44 +444,6 @@ def test_image_errors_are_value_errors_with_a_message() -> None:
 
 
 # --- DICOM ---------------------------------------------------------------------------------
-
-
-def dicom_bytes(
-    pixels: np.ndarray | None,
-    photometric: str = "MONOCHROME2",
-    transfer_syntax: str | None = None,
-    encapsulated: bytes | None = None,
-    **attrs: Any,
-) -> bytes:
-    """A minimal CR DICOM file holding 12-bit ``pixels`` (or no PixelData if None)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = UID(transfer_syntax) if transfer_syntax else ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    shape = pixels.shape if pixels is not None else (64, 64)
-    ds.Rows, ds.Columns = shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    if encapsulated is not None:
-        ds.PixelData = encapsulate([encapsulated])
-        ds["PixelData"].VR = "OB"
-    elif pixels is not None:
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 #: 48x64 horizontal ramp of stored values 0, 64, ..., 4032.

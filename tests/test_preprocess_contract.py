@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from benchmarks.common import dicom_bytes
 from pneumonia.preprocess import PreprocessSpec, decode_gray, preprocess_bytes, resize_gray
-from serve_util import dicom_bytes
 
 SPEC = PreprocessSpec(size=192)
 

@@ -9,8 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.common import dicom_bytes
 from conftest import synthetic_xray
-from serve_util import dicom_bytes, running_server
+from serve_util import running_server
 
 pytestmark = pytest.mark.slow
 

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
+from benchmarks.common import dicom_bytes, png_chunk
 from conftest import encode, synthetic_xray
 from pneumonia.preprocess import (
     DICOM_MAGIC,
@@ -51,7 +52,6 @@ from pneumonia.preprocess import (
     resize_gray,
 )
 from pneumonia.serve.errors import image_error_status
-from serve_util import dicom_bytes
 
 #: Not a power of two times MIN_SIDE, so JPEG draft decoding meets awkward ratios.
 SPEC = PreprocessSpec(size=48)
@@ -238,7 +238,7 @@ def test_bytes_behind_real_magic_give_model_input_or_a_documented_error(
 
 def _png_with_header(width: int, height: int, depth: int, color: int, tail: bytes) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
-    return PNG_MAGIC + _chunk(b"IHDR", ihdr) + tail
+    return PNG_MAGIC + png_chunk(b"IHDR", ihdr) + tail
 
 
 @PROPERTIES
@@ -379,10 +379,6 @@ def test_valid_pillow_images_decode(
         np.testing.assert_allclose(result, arr.flat[0] / top, atol=1e-6)
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 #: Every bit depth each PNG colour type allows (PNG spec, table 11.1).
 _PNG_KINDS = [(0, d) for d in (1, 2, 4, 8, 16)] + [(3, d) for d in (1, 2, 4, 8)]
 _PNG_KINDS += [(color, d) for color in (2, 4, 6) for d in (8, 16)]
@@ -404,10 +400,10 @@ def test_every_png_colour_type_and_bit_depth_decodes(
     rng = np.random.default_rng(seed)
     row_bytes = math.ceil(width * _PNG_SAMPLES[color] * depth / 8)
     raw = b"".join(b"\x00" + rng.bytes(row_bytes) for _ in range(height))
-    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0))]
+    chunks = [png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0))]
     if color == 3:
-        chunks.append(_chunk(b"PLTE", rng.bytes(3 * 2**depth)))
-    chunks += [_chunk(b"IDAT", zlib.compress(raw)), _chunk(b"IEND", b"")]
+        chunks.append(png_chunk(b"PLTE", rng.bytes(3 * 2**depth)))
+    chunks += [png_chunk(b"IDAT", zlib.compress(raw)), png_chunk(b"IEND", b"")]
     result = outcome(PNG_MAGIC + b"".join(chunks))
     if min(width, height) < MIN_SIDE:
         assert isinstance(result, ImageTooSmallError), result

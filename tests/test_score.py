@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.common import damage_png, dicom_bytes
 from conftest import encode, jpeg_bytes, make_split, synthetic_xray
 from pneumonia.cli import main
 from pneumonia.predictor import Predictor
 from pneumonia.score import ScoreError, ScoreRow, open_input, score_archive
 from pneumonia.score.output import format_for
-from serve_util import damage_png
-from test_preprocess import dicom_bytes
 
 GOOD = 11  # images in the archive that decode
 ERRORS = {

@@ -19,20 +19,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.common import assert_error, dicom_bytes, png16_bytes, png_bomb
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.cli import main as cli_main
 from pneumonia.preprocess import decode_gray
 from pneumonia.serve.app import create_app
 from pneumonia.serve.settings import Settings
-from serve_util import PREDICT_KEYS, dicom_bytes, png16_bytes, png_bomb
+from serve_util import PREDICT_KEYS
 
 with warnings.catch_warnings():
     # Starlette 1.x nags about httpx inside its TestClient; the client still works.
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
-
-ERROR_KEYS = {"error"}
-DETAIL_KEYS = {"code", "message"}
 
 
 @contextlib.contextmanager
@@ -59,18 +57,6 @@ def upload(
     client: TestClient, data: bytes, name: str = "chest_xray.jpeg", url: str = "/predict", **kw: Any
 ) -> Any:
     return client.post(url, files={"file": (name, data, "application/octet-stream")}, **kw)
-
-
-def assert_error(resp: Any, status: int, code: str) -> str:
-    """The one error shape, with the status and code expected; returns the message."""
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == ERROR_KEYS
-    assert set(body["error"]) == DETAIL_KEYS
-    assert body["error"]["code"] == code
-    message = body["error"]["message"]
-    assert message and "Traceback" not in message
-    return str(message)
 
 
 def cli_probability(
