@@ -17,7 +17,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship bench load \
+.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship bench guard-bench load \
 	container container-original clean
 
 $(BIN)/python:
@@ -65,6 +65,7 @@ train: install-test
 	$(BIN)/pneumonia train --data $(DATA) --out $(RUN)
 
 export: install-test
+	$(BIN)/pneumonia guard fit $(RUN) --no-progress
 	$(BIN)/pneumonia export $(RUN) --out $(MODEL)
 
 evaluate: install-test
@@ -75,12 +76,14 @@ evaluate: install-test
 # logistic-regression baseline, their test-set reports and plots, and the model card.
 ship: install-test
 	$(BIN)/pneumonia train --data $(DATA) --out runs/shipped --no-progress
+	$(BIN)/pneumonia guard fit runs/shipped --no-progress
 	$(BIN)/pneumonia export runs/shipped --out artifacts/model.onnx
 	$(BIN)/pneumonia evaluate --model artifacts/model.onnx --data $(DATA) --json artifacts/eval/test.json \
 		--markdown artifacts/eval/test.md --plots artifacts/eval/plots --run-dir runs/shipped \
 		--predictions artifacts/eval/predictions.csv
 	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --size 192 --seeds 0 --epochs 24 \
 		--lr 2e-3 --schedule cosine --no-progress
+	$(BIN)/pneumonia guard fit runs/baseline --no-progress
 	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx
 	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
 		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \
@@ -88,6 +91,12 @@ ship: install-test
 	$(BIN)/pneumonia card --model artifacts/model.onnx --report artifacts/eval/test.json \
 		--baseline artifacts/baseline/eval/test.json --previous artifacts/v1/eval/test.json \
 		--previous-label "pneumonia-cnn v1 (first look at the test set)" --out artifacts/model.card.md
+
+# The input check's refusal rate per kind of non-radiograph (photos, pages, screenshots, ...)
+# and its refusal and flag rates on the validation and test films (docs/input_check.md).
+guard-bench: install-test
+	$(BIN)/python benchmarks/bench_guard.py --model $(MODEL) --run $(RUN) --data $(DATA) \
+		--nonxray runs/nonradiographs --json runs/bench_guard.json
 
 # Serving speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md),
 # then batch-scoring throughput and memory by engine. Run on an idle machine.

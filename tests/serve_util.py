@@ -26,6 +26,7 @@ PREDICT_KEYS = {
     "probability",
     "probabilities",
     "threshold",
+    "input_check",
     "model",
     "processing_ms",
     "request_id",

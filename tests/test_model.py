@@ -94,7 +94,7 @@ def test_ensemble_averages_its_members() -> None:
     torch.nn.init.normal_(b.head.weight)  # a second, different member
     x = images(3, seed=4)
     with torch.no_grad():
-        logit, cam = EnsembleForExport([a, b]).eval()(x)
+        logit, cam, _ = EnsembleForExport([a, b]).eval()(x)
         (la, ca), (lb, cb) = a.cam(x), b.cam(x)
     torch.testing.assert_close(logit, (la + lb) / 2)
     torch.testing.assert_close(cam, (ca + cb) / 2)

@@ -38,7 +38,7 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
     assert len(members) == 2  # the default config is an ensemble of two
     net = EnsembleForExport(members).eval()
     with torch.no_grad():
-        ref_logit, ref_cam = net(torch.from_numpy(x))
+        ref_logit, ref_cam, _ = net(torch.from_numpy(x))
     logit, cam = pred.run(x)
     np.testing.assert_allclose(logit, ref_logit.numpy(), atol=1e-4)
     np.testing.assert_allclose(cam, ref_cam.numpy(), atol=1e-4)

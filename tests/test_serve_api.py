@@ -192,7 +192,7 @@ def test_batch_answers_one_entry_per_file_in_order(client: TestClient, tiny_card
     assert set(body) == {"results", "model", "processing_ms", "request_id"}
     assert [r["filename"] for r in body["results"]] == ["a.jpeg", "b.txt", "c.png", "d.jpeg"]
     a, b, c, d = body["results"]
-    assert set(a) == {"filename", "prediction", "probability", "probabilities", "threshold"}
+    assert set(a) == {"filename", "prediction", "probability", "probabilities", "threshold", "input_check"}
     assert a["probability"] == upload(client, jpeg_bytes(1, 1)).json()["probability"]
     assert b["error"]["code"] == "unsupported_format"
     assert c["prediction"] in ("NORMAL", "PNEUMONIA")
@@ -408,8 +408,15 @@ def test_slow_upload_times_out_with_408(tiny_model: Path) -> None:
         assert json.loads(sent[1]["body"])["error"]["code"] == "upload_timeout"
 
 
-def test_uploads_are_never_written_to_disk(client: TestClient) -> None:
+def test_uploads_are_never_written_to_disk(tiny_model: Path) -> None:
     """Starlette's own form parser spools files over 1 MiB to temporary files; ours must not."""
+    # Noise is the simple way to a PNG over 2 MiB; the input check would refuse it as noise, so
+    # it only flags here and the upload is classified (tests/test_guard.py covers refusal).
+    with serve(tiny_model, input_check="flag") as client:
+        _uploads_are_never_written_to_disk(client)
+
+
+def _uploads_are_never_written_to_disk(client: TestClient) -> None:
     from tempfile import SpooledTemporaryFile
 
     writes: list[str] = []

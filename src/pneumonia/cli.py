@@ -116,13 +116,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pneumonia.data import is_npz, load_images, resolve_split, split_samples
     from pneumonia.evaluate import evaluate_predictions, markdown_summary
+    from pneumonia.guard import OUTCOMES
 
     if a.plots:  # first: a missing `plots` extra is reported before minutes of inference
         from pneumonia.plots import plot_report, plot_training_curves
     predictor = _load_predictor(a.model)
     folder = a.data / a.split if is_npz(a.data) else resolve_split(a.data, a.split)
     loaded = load_images(split_samples(a.data, a.split), predictor.spec, progress=not a.no_progress)
-    probs = predictor.probabilities(loaded.x)
+    probs, checks = predictor.probabilities_and_checks(loaded.x)
+    outcomes = [c.outcome for c in checks]
     ev = evaluate_predictions(
         loaded.y,
         probs,
@@ -131,6 +133,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             "data": str(folder),
             "skipped": [[str(p), why] for p, why in loaded.skipped],
             "model": {"name": predictor.name, "version": predictor.version, "sha256": predictor.sha256},
+            "input_check": {
+                "feature_check": predictor.guard is not None,
+                "colour_checked": False,
+                **{o: outcomes.count(o) for o in OUTCOMES},
+            },
         },
     )
     report = ev.to_json()
@@ -143,15 +150,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         with a.predictions.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "p_pneumonia"])
-            for s, y, p in zip(loaded.samples, loaded.y, probs, strict=True):
-                w.writerow([str(s.path), int(y), f"{p:.6f}"])
+            w.writerow(["path", "label", "p_pneumonia", "input_check", "input_score"])
+            for s, y, p, c in zip(loaded.samples, loaded.y, probs, checks, strict=True):
+                score = "" if c.score is None else f"{c.score:.4f}"
+                w.writerow([str(s.path), int(y), f"{p:.6f}", c.outcome, score])
     if a.plots:
         plot_report(report, a.plots, title=folder.name)
         if a.run_dir:
             plot_training_curves(a.run_dir, a.plots)
     summary = {k: report[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity", "threshold")}
     summary["skipped"] = len(loaded.skipped)
+    summary["input_check"] = {o: outcomes.count(o) for o in OUTCOMES}
     print(json.dumps(summary))
     return 0
 
@@ -160,6 +169,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from pneumonia.preprocess import ImageError
 
     predictor = _load_predictor(a.model)
+    predictor.refuse = not a.flag_only
     status = 0
     for path in a.images:
         try:
@@ -171,6 +181,19 @@ def cmd_predict(a: argparse.Namespace) -> int:
             msg = getattr(exc, "message", None) or f"cannot read {path}: {type(exc).__name__}"
             print(json.dumps({"filename": str(path), "error": {"code": code, "message": msg}}))
     return status
+
+
+def cmd_guard_fit(a: argparse.Namespace) -> int:
+    import torch
+
+    from pneumonia.training.guard_fit import fit_run_guard
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    guard = fit_run_guard(a.run_dir, a.data, components=a.components, progress=not a.no_progress)
+    s = guard.summary()
+    print(json.dumps({"guard": str(a.run_dir / "guard.json"), **{k: s[k] for k in ("n_train", "n_validation", "dim", "components", "flag_distance", "refuse_distance")}}))
+    return 0
 
 
 def cmd_card(a: argparse.Namespace) -> int:
@@ -411,7 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="one JSON line per image")
     r.add_argument("images", nargs="+", type=Path)
     _model_arg(r)
+    r.add_argument("--flag-only", action="store_true", help="answer images the input check finds are not chest X-rays (flagged) instead of refusing them")
     r.set_defaults(func=cmd_predict)
+
+    g = sub.add_parser("guard", help="the input check that refuses what is not a chest X-ray")
+    gsub = g.add_subparsers(dest="guard_command", required=True)
+    gf = gsub.add_parser(
+        "fit",
+        help="fit it on a run's training-split films (thresholds on its validation split) into RUN_DIR/guard.json",
+        description="Fit the input check of a training run: statistics of the network's features on the "
+        "run's training-split films, thresholds from its validation-split films. Writes RUN_DIR/guard.json, "
+        "which `pneumonia export` puts into the model.",
+    )
+    gf.add_argument("run_dir", type=Path)
+    gf.add_argument("--data", type=Path, help="training data root (default: the one recorded in the run)")
+    gf.add_argument("--components", type=int, default=64, help="principal directions kept (default 64)")
+    gf.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    gf.add_argument("--no-progress", action="store_true")
+    gf.set_defaults(func=cmd_guard_fit)
 
     c = sub.add_parser("card", help="render the Markdown model card with held-out reports")
     _model_arg(c)

@@ -6,16 +6,33 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pneumonia.calibration import calibrated_probability
+from pneumonia.guard import (
+    EMBEDDING_OUTPUT,
+    GUARD_METADATA_KEY,
+    NOT_A_CHEST_XRAY,
+    FeatureGuard,
+    InputCheck,
+    NotAChestXrayError,
+    image_only_check,
+    image_reasons,
+)
 from pneumonia.labels import LABELS
-from pneumonia.preprocess import PreprocessSpec, check_model_input, preprocess_bytes
+from pneumonia.preprocess import (
+    DecodeStats,
+    PreprocessSpec,
+    Preprocessed,
+    check_model_input,
+    preprocess_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +40,8 @@ log = logging.getLogger(__name__)
 CARD_METADATA_KEY = "model_card"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logit", "cam")
+#: Outputs of a model exported with its pooled features, for the input check (pneumonia.guard).
+OUTPUT_NAMES_WITH_EMBEDDING = (*OUTPUT_NAMES, EMBEDDING_OUTPUT)
 
 
 #: Environment variable naming the exported model every command and the service use.
@@ -70,14 +89,18 @@ class Prediction:
     threshold: float
     logit: float
     cam: np.ndarray | None = None
+    check: InputCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "prediction": self.label,
             "probability": self.probability,
             "probabilities": {"NORMAL": self.p_normal, "PNEUMONIA": self.p_pneumonia},
             "threshold": self.threshold,
         }
+        if self.check is not None:
+            d["input_check"] = self.check.to_dict()
+        return d
 
 
 def sidecar_card_path(model_path: Path) -> Path:
@@ -135,13 +158,17 @@ class Predictor:
     Args:
         path: The ``.onnx`` file written by ``pneumonia export``.
         threads: onnxruntime intra-op threads; default: the CPUs the cgroup quota allows.
+        refuse: Refuse what the input check finds is not a chest X-ray
+            (:class:`~pneumonia.guard.NotAChestXrayError`); if False, answer it with
+            ``check.outcome == "not_a_chest_xray"`` (flag only).
 
     Raises:
         ModelLoadError: missing, unreadable or incomplete model file, naming what is wrong.
     """
 
-    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+    def __init__(self, path: Path | str, threads: int | None = None, refuse: bool = True) -> None:
         ort = import_onnxruntime()
+        self.refuse = refuse
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -169,14 +196,15 @@ class Predictor:
             raise ModelLoadError(f"model card in {self.path} is invalid: {exc}") from None
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or tuple(outputs) != OUTPUT_NAMES:
-            raise ModelLoadError(f"model {self.path} must take '{INPUT_NAME}' and give {OUTPUT_NAMES}, got {[i.name for i in inputs]} -> {outputs}")
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or tuple(outputs) not in (OUTPUT_NAMES, OUTPUT_NAMES_WITH_EMBEDDING):
+            raise ModelLoadError(f"model {self.path} must take '{INPUT_NAME}' and give {OUTPUT_NAMES} (and optionally '{EMBEDDING_OUTPUT}'), got {[i.name for i in inputs]} -> {outputs}")
+        self.output_names = tuple(outputs)
         if list(inputs[0].shape[1:]) != list(self.spec.input_shape):
             raise ModelLoadError(f"model {self.path} takes input {inputs[0].shape}, but its card says {self.spec.input_shape}")
         # A wrong-ranked output would not fail at load: a (N, 2) logit would silently give each
         # image another image's score, a 2-D cam would fail every heatmap request.
         got = {a.name: (a.type, a.shape) for a in (inputs[0], *self.session.get_outputs())}
-        want = {INPUT_NAME: 4, OUTPUT_NAMES[0]: 1, OUTPUT_NAMES[1]: 3}
+        want = {INPUT_NAME: 4, OUTPUT_NAMES[0]: 1, OUTPUT_NAMES[1]: 3, **({EMBEDDING_OUTPUT: 2} if EMBEDDING_OUTPUT in got else {})}
         if any(got[k][0] != "tensor(float)" or not isinstance(got[k][1], list) or len(got[k][1]) != n for k, n in want.items()):
             raise ModelLoadError(f"model {self.path} must map float32 {INPUT_NAME} (N, C, H, W) to {OUTPUT_NAMES[0]} (N,) and {OUTPUT_NAMES[1]} (N, h, w), got {got}")
         sidecar = sidecar_card_path(self.path)
@@ -187,6 +215,23 @@ class Predictor:
         self.threshold = float(self.card["threshold"])
         self.temperature = float(self.card["temperature"])
         self.bias = float(self.card["bias"])
+        self.guard = self._load_guard(meta)
+
+    def _load_guard(self, meta: dict[str, str]) -> FeatureGuard | None:
+        """The fitted feature statistics, or None (then only the image checks run)."""
+        if GUARD_METADATA_KEY not in meta:
+            log.info("model %s carries no fitted input check; only the image checks run (re-export it with `pneumonia guard fit` first for the feature check)", self.path.name)
+            return None
+        if EMBEDDING_OUTPUT not in self.output_names:
+            raise ModelLoadError(f"model {self.path} carries input check statistics but no '{EMBEDDING_OUTPUT}' output")
+        try:
+            guard = FeatureGuard.from_dict(json.loads(meta[GUARD_METADATA_KEY]))
+        except ValueError as exc:
+            raise ModelLoadError(f"model {self.path}: {exc}") from None
+        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
+        if isinstance(width, int) and width != guard.dim:
+            raise ModelLoadError(f"model {self.path} gives {width} features but its input check was fitted on {guard.dim}")
+        return guard
 
     @property
     def name(self) -> str:
@@ -196,34 +241,90 @@ class Predictor:
     def version(self) -> str:
         return str(self.card.get("version", "unknown"))
 
+    def prepare(self, data: bytes) -> Preprocessed:
+        """Bytes to one model input and what the decoder saw (its colour), by the model's own
+        spec; raises ``ImageError`` on a bad image."""
+        return preprocess_image(data, self.spec)
+
     def preprocess(self, data: bytes) -> np.ndarray:
         """Bytes to one model input (C, H, W) by the model's own spec; raises ``ImageError``
         on a bad image."""
-        return preprocess_bytes(data, self.spec)
+        return self.prepare(data).input
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw (logits (N,), CAMs (N, h, w)) for a preprocessed batch (N, C, H, W)."""
+        logits, cams, _ = self.run_all(batch)
+        return logits, cams
+
+    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Raw (logits (N,), CAMs (N, h, w), features (N, D) or None if the model has none)."""
         check_model_input(batch, self.spec)
-        logits, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
-        return np.asarray(logits, dtype=np.float64).reshape(-1), np.asarray(cams)
+        outs = self.session.run(list(self.output_names), {INPUT_NAME: batch})
+        emb = np.asarray(outs[2], dtype=np.float32) if len(outs) > 2 else None
+        return np.asarray(outs[0], dtype=np.float64).reshape(-1), np.asarray(outs[1]), emb
+
+    def check_inputs(
+        self, batch: np.ndarray, features: np.ndarray | None, stats: Sequence[DecodeStats | None] | None = None
+    ) -> list[InputCheck]:
+        """The input check's verdict per image (see pneumonia.guard); never raises for an image."""
+        st = list(stats) if stats is not None else [None] * len(batch)
+        reasons = [image_reasons(x, s) for x, s in zip(batch, st, strict=True)]
+        if self.guard is None or features is None:
+            return [image_only_check(r) for r in reasons]
+        return self.guard.check(features, reasons)
 
     def probabilities(self, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Calibrated P(PNEUMONIA) for a preprocessed batch."""
-        if len(batch) == 0:
-            return np.zeros(0)
-        logits = np.concatenate([self.run(batch[i : i + chunk])[0] for i in range(0, len(batch), chunk)])
-        return calibrated_probability(logits, self.temperature, self.bias)
+        return self.probabilities_and_checks(batch, chunk)[0]
 
-    def predict_arrays(self, batch: np.ndarray, with_cam: bool = False) -> list[Prediction]:
-        logits, cams = self.run(batch)
+    def probabilities_and_checks(self, batch: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, list[InputCheck]]:
+        """Calibrated P(PNEUMONIA) and the input check (without decode statistics) per image."""
+        if len(batch) == 0:
+            return np.zeros(0), []
+        logits, checks = [], []
+        for i in range(0, len(batch), chunk):
+            z, _, emb = self.run_all(batch[i : i + chunk])
+            logits.append(z)
+            checks += self.check_inputs(batch[i : i + chunk], emb)
+        return calibrated_probability(np.concatenate(logits), self.temperature, self.bias), checks
+
+    def predict_arrays(
+        self, batch: np.ndarray, with_cam: bool = False, stats: Sequence[DecodeStats | None] | None = None
+    ) -> list[Prediction]:
+        """Classify a preprocessed batch; every prediction carries its input check (never refused)."""
+        logits, cams, emb = self.run_all(batch)
         probs = calibrated_probability(logits, self.temperature, self.bias)
-        return [self._prediction(float(z), float(p), cams[i] if with_cam else None) for i, (z, p) in enumerate(zip(logits, probs, strict=True))]
+        checks = self.check_inputs(batch, emb, stats)
+        return [
+            self._prediction(float(z), float(p), cams[i] if with_cam else None, checks[i])
+            for i, (z, p) in enumerate(zip(logits, probs, strict=True))
+        ]
+
+    def predict_prepared(self, prepared: Sequence[Preprocessed], with_cam: bool = False) -> list[Prediction | NotAChestXrayError]:
+        """Classify prepared images; what the check refuses is its error (unless ``refuse`` is off)."""
+        if not prepared:
+            return []
+        preds = self.predict_arrays(np.stack([p.input for p in prepared]), with_cam, [p.stats for p in prepared])
+        return [self.refusal(p) or p for p in preds]
+
+    def refusal(self, pred: Prediction) -> NotAChestXrayError | None:
+        """The error to answer instead of ``pred``, if the check refuses its image."""
+        if self.refuse and pred.check is not None and pred.check.outcome == NOT_A_CHEST_XRAY:
+            return pred.check.error()
+        return None
 
     def predict_bytes(self, data: bytes, with_cam: bool = False) -> Prediction:
-        """Decode, preprocess and classify one encoded image."""
-        return self.predict_arrays(self.preprocess(data)[None], with_cam=with_cam)[0]
+        """Decode, preprocess, check and classify one encoded image.
 
-    def _prediction(self, logit: float, p: float, cam: np.ndarray | None) -> Prediction:
+        Raises:
+            ImageError: a bad image, or ``NotAChestXrayError`` when the check refuses it.
+        """
+        (out,) = self.predict_prepared([self.prepare(data)], with_cam=with_cam)
+        if isinstance(out, NotAChestXrayError):
+            raise out
+        return out
+
+    def _prediction(self, logit: float, p: float, cam: np.ndarray | None, check: InputCheck | None = None) -> Prediction:
         positive = p >= self.threshold
         return Prediction(
             label=LABELS[1] if positive else LABELS[0],
@@ -233,6 +334,7 @@ class Predictor:
             threshold=self.threshold,
             logit=logit,
             cam=cam,
+            check=check,
         )
 
     def info(self) -> dict[str, Any]:

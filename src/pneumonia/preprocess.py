@@ -39,7 +39,10 @@ from PIL import Image
 
 from pneumonia._decode import dicom, jpeg, png
 from pneumonia._decode.base import (
+    COLOUR_SPREAD,
     MAX_DECODE_BYTES,
+    ColourTally,
+    DecodeStats,
     MAX_PIXELS,
     MIN_SIDE,
     CorruptImageError,
@@ -57,6 +60,8 @@ from pneumonia._decode.dicom import MAGIC_OFFSET as DICOM_MAGIC_OFFSET
 from pneumonia._decode.dicom import MAX_INFLATED_BYTES
 
 __all__ = [
+    "COLOUR_SPREAD",
+    "DecodeStats",
     "DICOM_MAGIC",
     "DICOM_MAGIC_OFFSET",
     "JPEG_MAGIC",
@@ -215,11 +220,18 @@ def decode_gray(data: bytes, draft_size: int | None = None) -> np.ndarray:
             too small, decompression bomb: over ``MAX_PIXELS``, or the decoders would hold
             over ``MAX_DECODE_BYTES``, which for a JPEG depends on ``draft_size``).
     """
-    gray = _DECODERS[sniff_format(data)](data, draft_size)
+    return decode_image(data, draft_size)[0]
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> tuple[np.ndarray, DecodeStats]:
+    """:func:`decode_gray`, and what the decoder saw before the gray conversion (its colour,
+    for the input check in pneumonia.guard)."""
+    tally = ColourTally()
+    gray = _DECODERS[sniff_format(data)](data, draft_size, tally)
     if gray.ndim != 2:
         raise UndecodableImageError(f"decoded image has unexpected shape {gray.shape}")
     check_dimensions(gray.shape[1], gray.shape[0])
-    return gray
+    return gray, tally.stats()
 
 
 def resize_gray(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -238,10 +250,13 @@ class Preprocessed:
         input: The model input, float32 of shape ``spec.input_shape``.
         view: The decoded grayscale image in [0, 1] at its own aspect ratio, if asked for
             (``view_side``), else None.
+        stats: What the decoder saw before the gray conversion (for the input check); None
+            for arrays that were never encoded (MedMNIST).
     """
 
     input: np.ndarray
     view: np.ndarray | None = None
+    stats: DecodeStats | None = None
 
 
 def preprocess_image(
@@ -263,13 +278,13 @@ def preprocess_image(
     Raises:
         ImageError: a subclass naming what is wrong with the image.
     """
-    gray = decode_gray(data, draft_size=spec.size)
+    gray, stats = decode_image(data, draft_size=spec.size)
     x = resize_gray(gray, spec)
     if view_side is None:
-        return Preprocessed(x)
+        return Preprocessed(x, stats=stats)
     if sniff_format(data) == "jpeg":
         gray = decode_gray(data, draft_size=view_side)
-    return Preprocessed(x, gray)
+    return Preprocessed(x, gray, stats)
 
 
 def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:

@@ -6,7 +6,9 @@ them from.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +26,63 @@ MAX_DECODE_BYTES = 64 << 20
 MIN_SIDE = 32
 #: Images are converted to float a strip of about this many pixels at a time.
 _STRIP_PIXELS = 1 << 18
+
+
+#: A pixel counts as coloured when its red, green and blue values (of 255) spread over more
+#: than this; radiographs have none, photos and most screenshots have many (pneumonia.guard).
+COLOUR_SPREAD = 32
+#: About this many pixels of each decoded strip are sampled for its colour statistics.
+_COLOUR_SAMPLES = 1 << 14
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """What the decoder saw before turning the image gray, for the input check (pneumonia.guard).
+
+    Attributes:
+        colour_fraction: Share of sampled pixels whose R, G, B spread over more than
+            ``COLOUR_SPREAD`` of 255; 0.0 for a gray image. None when the colour was not
+            decoded (a JPEG coded as RGB rather than YCbCr, which libjpeg gives as gray).
+    """
+
+    colour_fraction: float | None
+
+
+def _sample_step(arr: np.ndarray) -> int:
+    return max(1, math.isqrt(arr.shape[0] * arr.shape[1] // _COLOUR_SAMPLES))
+
+
+class ColourTally:
+    """Counts coloured pixels over the strips of one decode (a sample of each strip)."""
+
+    def __init__(self) -> None:
+        self.coloured = 0
+        self.seen = 0
+        self.undecoded = False
+
+    def add_rgb(self, rgb: np.ndarray, full_scale: float = 255.0) -> None:
+        """Sample an (h, w, >=3) array of R, G, B values in [0, full_scale]."""
+        step = _sample_step(rgb)
+        sample = np.asarray(rgb[::step, ::step, :3], dtype=np.float32)
+        spread = sample.max(axis=-1) - sample.min(axis=-1)
+        self._count(spread * (255.0 / full_scale))
+
+    def add_ycbcr(self, ycc: np.ndarray) -> None:
+        """Sample an (h, w, 3) uint8 YCbCr array: the R, G, B spread depends on Cb, Cr only."""
+        step = _sample_step(ycc)
+        sample = np.asarray(ycc[::step, ::step, 1:3], dtype=np.float32) - 128.0
+        cb, cr = sample[..., 0], sample[..., 1]
+        r, g, b = 1.402 * cr, -0.344136 * cb - 0.714136 * cr, 1.772 * cb
+        self._count(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b))
+
+    def _count(self, spread: np.ndarray) -> None:
+        self.coloured += int(np.count_nonzero(spread > COLOUR_SPREAD))
+        self.seen += spread.size
+
+    def stats(self) -> DecodeStats:
+        if self.undecoded:
+            return DecodeStats(colour_fraction=None)
+        return DecodeStats(colour_fraction=self.coloured / self.seen if self.seen else 0.0)
 
 
 class ImageError(ValueError):

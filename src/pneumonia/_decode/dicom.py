@@ -16,6 +16,7 @@ from pneumonia._decode.base import (
     MAX_DECODE_BYTES,
     MAX_PIXELS,
     CorruptImageError,
+    ColourTally,
     DecompressionBombError,
     ImageError,
     UndecodableImageError,
@@ -198,7 +199,7 @@ def _first_frame(ds: Any, source: bytes | mmap.mmap) -> tuple[np.ndarray, int]:
 
 
 def _gray(
-    frame: np.ndarray, unused_bits: int, ds: Any, fx: int, fy: int
+    frame: np.ndarray, unused_bits: int, ds: Any, fx: int, fy: int, tally: ColourTally | None = None
 ) -> tuple[np.ndarray, float, float]:
     """The frame's values after modality LUT and VOI LUT / window, box-reduced by (fx, fy).
 
@@ -224,6 +225,9 @@ def _gray(
             np.right_shift(stored, unused_bits, out=stored)
         if stored.ndim == 3:  # colour DICOM: luma, as Pillow's 'L' conversion does
             rgb = stored.astype(np.float32)
+            if tally is not None:
+                bits = int(ds.get("BitsStored", 8) or 8)
+                tally.add_rgb(rgb, full_scale=float((1 << bits) - 1))
             values = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
         else:
             values = apply_voi_lut(apply_modality_lut(stored, ds), ds)
@@ -281,7 +285,7 @@ def _check_pixel_length(ds: Any, source: bytes | mmap.mmap) -> None:
         )
 
 
-def decode(data: bytes, draft_size: int | None) -> np.ndarray:
+def decode(data: bytes, draft_size: int | None, tally: ColourTally | None = None) -> np.ndarray:
     """A DICOM file's first frame as float32 gray in [0, 1]: modality LUT, VOI LUT / window,
     min-max scaling, MONOCHROME1 inverted; reduced as ``pneumonia.preprocess`` describes."""
     try:
@@ -334,7 +338,7 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
     )
     try:
         frame, unused_bits = _first_frame(ds, source)
-        arr, lo, hi = _gray(frame, unused_bits, ds, *reduction(cols, rows, draft_size))
+        arr, lo, hi = _gray(frame, unused_bits, ds, *reduction(cols, rows, draft_size), tally)
     except Exception:
         raise UndecodableImageError("the DICOM pixel data could not be decoded") from None
     if not math.isfinite(hi - lo):  # also NaN or inf at either end

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumonia._decode.base import CorruptImageError, check_decode_bytes, reduction
+from pneumonia._decode.base import ColourTally, CorruptImageError, check_decode_bytes, reduction
 from pneumonia._decode.pillow import gray_reduced, image_bytes, open_image, pillow_errors
 
 #: Start-of-frame markers of progressive JPEGs (Huffman or arithmetic, plain or differential).
@@ -78,13 +78,29 @@ def _coefficient_bytes(width: int, height: int, layers: list[tuple[int, int, int
     return 128 * blocks
 
 
-def _draft(img: Image.Image, draft_size: int) -> None:
-    """Ask libjpeg for a reduced DCT scale (1/2, 1/4, 1/8); Pillow keeps both sides >= draft_size."""
-    if img.mode in ("RGB", "L"):
+def _is_ycbcr(img: Image.Image) -> bool:
+    """Whether a 3-component JPEG is coded as YCbCr (as libjpeg assumes unless it is marked RGB)."""
+    ids = tuple(layer[0] for layer in getattr(img, "layer", ()))
+    return ids != ("R", "G", "B") and img.info.get("adobe_transform", 1) != 0
+
+
+def _draft(img: Image.Image, draft_size: int) -> bool:
+    """Ask libjpeg for a reduced DCT scale (1/2, 1/4, 1/8); Pillow keeps both sides >= draft_size.
+
+    Returns:
+        False when the colour is no longer decoded (gray straight from an RGB-coded JPEG).
+    """
+    if img.mode == "RGB" and _is_ycbcr(img):
+        # Luma and chroma as coded: the luma is exactly the gray decode libjpeg gives (Pillow's
+        # YCbCr -> L keeps Y), and the chroma tells a photo from a radiograph (pneumonia.guard).
+        img.draft("YCbCr", (draft_size, draft_size))
+    elif img.mode in ("RGB", "L"):
         img.draft("L", (draft_size, draft_size))  # gray straight from the luma channel
+        return img.mode == "L" and len(getattr(img, "layer", ())) <= 1
     elif max(img.size) > 2 * draft_size:
         # CMYK: scale only. Never within twice the size, where it was always decoded in full.
         img.draft(img.mode, (draft_size, draft_size))
+    return True
 
 
 def _exif_transpose(gray: np.ndarray, img: Image.Image) -> np.ndarray:
@@ -94,8 +110,9 @@ def _exif_transpose(gray: np.ndarray, img: Image.Image) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(oriented), dtype=np.float32)
 
 
-def decode(data: bytes, draft_size: int | None) -> np.ndarray:
-    """A JPEG as float32 gray in [0, 1], reduced as ``pneumonia.preprocess`` describes.
+def decode(data: bytes, draft_size: int | None, tally: ColourTally | None = None) -> np.ndarray:
+    """A JPEG as float32 gray in [0, 1], reduced as ``pneumonia.preprocess`` describes; its
+    colour counted into ``tally``.
 
     Raises:
         CorruptImageError: the data ends before the image does.
@@ -103,8 +120,8 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
     with pillow_errors("JPEG"):
         img = open_image(data, "JPEG")
         width, height, mode = *img.size, img.mode
-        if draft_size is not None:
-            _draft(img, draft_size)
+        if draft_size is not None and not _draft(img, draft_size) and tally is not None:
+            tally.undecoded = True
         # Pillow's image at its (possibly reduced) decode size, plus libjpeg's coefficients
         # of the full-size image if it buffers them.
         need = image_bytes(img)
@@ -118,7 +135,7 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
         )
         check_complete(data)
         img.load()
-        gray = gray_reduced(img, *reduction(*img.size, draft_size))
+        gray = gray_reduced(img, *reduction(*img.size, draft_size), tally)
         # Orientation last: the conversion is per pixel, so turning the small gray image
         # gives what turning the decoded one did.
         return _exif_transpose(gray, img)

@@ -13,6 +13,7 @@ from PIL import Image
 from pneumonia._decode.base import (
     MAX_PIXELS,
     CorruptImageError,
+    ColourTally,
     DecompressionBombError,
     ImageError,
     UndecodableImageError,
@@ -72,8 +73,9 @@ def image_bytes(img: Image.Image) -> int:
     return img.size[0] * img.size[1] * _PIL_PIXEL_BYTES.get(img.mode, 4)
 
 
-def pil_to_gray(img: Image.Image) -> np.ndarray:
-    """Convert a decoded Pillow image to float32 grayscale in [0, 1]."""
+def pil_to_gray(img: Image.Image, tally: ColourTally | None = None) -> np.ndarray:
+    """Convert a decoded Pillow image to float32 grayscale in [0, 1], counting its colour
+    into ``tally`` before the conversion."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(img, dtype=np.float32) / 65535.0
     if img.mode == "I":  # 16-bit PNGs decode to 32-bit 'I' holding 0..65535
@@ -87,12 +89,21 @@ def pil_to_gray(img: Image.Image) -> np.ndarray:
         # Transparent areas become black, as a viewer on a dark background shows them.
         base = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(base, img.convert("RGBA"))
+    if tally is not None:
+        if img.mode == "YCbCr":
+            tally.add_ycbcr(np.asarray(img))
+        elif img.mode in ("RGB", "RGBA"):
+            tally.add_rgb(np.asarray(img))
+        elif img.mode not in ("L", "1"):  # CMYK, LAB, ...
+            tally.add_rgb(np.asarray(img.convert("RGB")))
     if img.mode != "L":
         img = img.convert("L")
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def gray_reduced(img: Image.Image, fx: int, fy: int) -> np.ndarray:
+def gray_reduced(
+    img: Image.Image, fx: int, fy: int, tally: ColourTally | None = None
+) -> np.ndarray:
     """``pil_to_gray(img)`` box-reduced by (fx, fy), float32.
 
     Converted a strip of rows at a time, so no full-size RGBA or float copy of a large image
@@ -103,6 +114,6 @@ def gray_reduced(img: Image.Image, fx: int, fy: int) -> np.ndarray:
 
     def strip(top: int, bottom: int) -> np.ndarray:
         whole = top == 0 and bottom == height  # a small image: no cropped copy
-        return pil_to_gray(img if whole else img.crop((0, top, width, bottom)))
+        return pil_to_gray(img if whole else img.crop((0, top, width, bottom)), tally)
 
     return reduce_in_strips(width, height, fx, fy, strip, np.float32)

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from pneumonia._decode.base import CorruptImageError, check_decode_bytes, reduction
+from pneumonia._decode.base import ColourTally, CorruptImageError, check_decode_bytes, reduction
 from pneumonia._decode.pillow import gray_reduced, image_bytes, open_image, pillow_errors
 
 #: Samples a pixel has, by IHDR colour type (gray, RGB, palette, gray + alpha, RGBA).
@@ -132,8 +132,9 @@ def check_image_data(data: bytes, idat: list[tuple[int, int]], expected: int) ->
         )
 
 
-def decode(data: bytes, draft_size: int | None) -> np.ndarray:
-    """A PNG as float32 gray in [0, 1], reduced as ``pneumonia.preprocess`` describes.
+def decode(data: bytes, draft_size: int | None, tally: ColourTally | None = None) -> np.ndarray:
+    """A PNG as float32 gray in [0, 1], reduced as ``pneumonia.preprocess`` describes; its
+    colour counted into ``tally``.
 
     Raises:
         CorruptImageError: a CRC, the Adler-32 or the image data's length is wrong.
@@ -151,4 +152,4 @@ def decode(data: bytes, draft_size: int | None) -> np.ndarray:
         if expected is not None:
             check_image_data(data, idat, expected)
         img.load()
-        return gray_reduced(img, *reduction(width, height, draft_size))
+        return gray_reduced(img, *reduction(width, height, draft_size), tally)

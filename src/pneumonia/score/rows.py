@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
-
-from pneumonia.preprocess import ImageError, preprocess_uint8
+from pneumonia.preprocess import ImageError, Preprocessed, preprocess_uint8
 
 if TYPE_CHECKING:
     from pneumonia.predictor import Predictor
@@ -80,11 +78,11 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
     raises for a bad file, so one broken film never stops an archive.
     """
     rows: list[ScoreRow | None] = [None] * len(items)
-    arrays: list[np.ndarray] = []
+    arrays: list[Preprocessed] = []
     good: list[tuple[int, str]] = []
     for i, item in enumerate(items):
         if item.pixels is not None:
-            arrays.append(preprocess_uint8(item.pixels, predictor.spec))
+            arrays.append(Preprocessed(preprocess_uint8(item.pixels, predictor.spec)))
             good.append((i, hashlib.sha256(item.pixels.tobytes()).hexdigest()))
             continue
         try:
@@ -98,7 +96,7 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
         data = data or b""
         sha = hashlib.sha256(data).hexdigest()
         try:
-            arrays.append(predictor.preprocess(data))
+            arrays.append(predictor.prepare(data))
             good.append((i, sha))
         except ImageError as exc:
             rows[i] = _error_row(predictor, item.key, sha, exc.code, exc.message)
@@ -108,8 +106,11 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
                 predictor, item.key, sha, "unexpected_error", f"{type(exc).__name__}: {exc}"
             )
     if arrays:
-        preds = predictor.predict_arrays(np.stack(arrays))
+        preds = predictor.predict_prepared(arrays)
         for (i, sha), p in zip(good, preds, strict=True):
+            if isinstance(p, ImageError):  # refused by the input check
+                rows[i] = _error_row(predictor, items[i].key, sha, p.code, p.message)
+                continue
             rows[i] = ScoreRow(
                 items[i].key,
                 sha,

@@ -50,7 +50,11 @@ def load_predictor(settings: Settings) -> Predictor:
     Raises:
         ModelLoadError: missing, corrupt or incomplete model file.
     """
-    return Predictor(settings.model_path, threads=settings.inference_threads)
+    return Predictor(
+        settings.model_path,
+        threads=settings.inference_threads,
+        refuse=settings.input_check == "refuse",
+    )
 
 
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:

@@ -115,6 +115,14 @@ ERRORS: dict[str, ErrorCode] = {
             "before decoding",
         ),
         ErrorCode(
+            "not_a_chest_xray",
+            422,
+            "the input check found the image is not a chest X-ray (a photo, document, "
+            "screenshot, blank, gradient or noise image); the message says why and what was "
+            "expected. `INPUT_CHECK=flag` answers such images instead, flagged "
+            "([input_check.md](input_check.md))",
+        ),
+        ErrorCode(
             "invalid_image",
             422,
             "an image that cannot become model input for a reason not above (none today)",

@@ -15,11 +15,10 @@ from typing import TypeVar
 
 import anyio
 import anyio.to_thread
-import numpy as np
 
 from pneumonia.heatmap import MAX_OVERLAY_SIDE, overlay_png
 from pneumonia.predictor import Prediction, Predictor
-from pneumonia.preprocess import ImageError, preprocess_image
+from pneumonia.preprocess import ImageError, Preprocessed, preprocess_image
 from pneumonia.serve.errors import ApiError
 
 T = TypeVar("T")
@@ -120,24 +119,25 @@ def predict_job(predictor: Predictor, images: list[bytes], heatmap: bool = False
     """Decode every image, classify the decodable ones in one model call.
 
     Runs in a worker thread. Each image goes through ``preprocess_image`` with the model's
-    spec (the path of ``pneumonia predict``), so the service's scores equal the CLI's. A
-    heatmap, if asked, is drawn for the first image only, on the view that call keeps.
+    spec and ``predictor.predict_prepared`` (the path of ``pneumonia predict``), so the
+    service's scores and input-check verdicts equal the CLI's. A heatmap, if asked, is drawn
+    for the first image only, on the view that call keeps.
     """
     t0 = time.perf_counter()
     errors: dict[int, ImageError] = {}
-    inputs = []
+    inputs: list[Preprocessed] = []
     gray = None
     for i, data in enumerate(images):
         view_side = MAX_OVERLAY_SIDE if heatmap and i == 0 else None
         try:
             pre = preprocess_image(data, predictor.spec, view_side=view_side)
-            inputs.append(pre.input)
+            inputs.append(pre)
             if pre.view is not None:
                 gray = pre.view
         except ImageError as exc:
             errors[i] = exc
     t1 = time.perf_counter()
-    preds = predictor.predict_arrays(np.stack(inputs), with_cam=heatmap) if inputs else []
+    preds = predictor.predict_prepared(inputs, with_cam=heatmap)
     t2 = time.perf_counter()
     it = iter(preds)
     outcomes: list[Prediction | ImageError] = [

@@ -114,6 +114,13 @@ class Metrics:
         self._image_errors = Counter(
             "pneumonia_image_errors", "Uploaded images refused, by error code.", ("code",), registry=r
         )
+        self._input_checks = Counter(
+            "pneumonia_input_check",
+            "Images by input-check outcome (typical, unlike_training, not_a_chest_xray) and "
+            "action (answered, or refused with 422 not_a_chest_xray).",
+            ("outcome", "action"),
+            registry=r,
+        )
 
     def request_started(self) -> None:
         self._in_flight.inc()
@@ -134,6 +141,10 @@ class Metrics:
 
     def count_image_error(self, code: str) -> None:
         self._image_errors.labels(code).inc()
+
+    def count_input_check(self, outcome: str, action: str) -> None:
+        """One image's input-check outcome; ``action``: ``answered`` or ``refused``."""
+        self._input_checks.labels(outcome=outcome, action=action).inc()
 
     def render(self, service: Service | None = None) -> str:
         """The exposition text; with ``service``, also its readiness, queue and model gauges."""

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from pneumonia.guard import NotAChestXrayError
 from pneumonia.predictor import Prediction
 from pneumonia.preprocess import ImageError, sniff_format
 from pneumonia.serve.errors import ApiError, openapi_responses
@@ -66,6 +67,7 @@ _IMAGE_CODES = (
     "corrupt_image",
     "image_too_small",
     "decompression_bomb",
+    "not_a_chest_xray",
 )
 # A batch answers 200 with each bad image's error in its entry, so image codes are /predict's.
 PREDICT_CODES = (*_UPLOAD_CODES, *_IMAGE_CODES)
@@ -150,8 +152,12 @@ def _record(svc: Service, job: JobResult) -> None:
     for o in job.outcomes:
         if isinstance(o, Prediction):
             svc.metrics.count_prediction(o.label)
+            if o.check is not None:
+                svc.metrics.count_input_check(o.check.outcome, "answered")
         else:
             svc.metrics.count_image_error(o.code)
+            if isinstance(o, NotAChestXrayError):
+                svc.metrics.count_input_check(o.code, "refused")
 
 
 @api.post(

@@ -35,6 +35,23 @@ class ModelIdentity(BaseModel):
     sha256: str = Field(description="SHA-256 of the .onnx file being served.")
 
 
+class InputCheckResult(BaseModel):
+    """What the input check made of the image (docs/input_check.md)."""
+
+    outcome: Literal["typical", "unlike_training", "not_a_chest_xray"] = Field(
+        description="`typical`: like the training films; `unlike_training`: a radiograph unlike "
+        "the films the model was trained and validated on (the answer is given, unvalidated for "
+        "such films); `not_a_chest_xray`: only when the service runs with INPUT_CHECK=flag "
+        "(otherwise such images get 422 `not_a_chest_xray`)."
+    )
+    score: float | None = Field(
+        description="Distance of the image's features from the training films', in units of the "
+        "flag threshold (above 1: unlike the training films); null when the model carries no "
+        "fitted feature statistics."
+    )
+    message: str = Field(description="The outcome in words, with its reasons.")
+
+
 class ImageResult(BaseModel):
     """One image's classification."""
 
@@ -52,6 +69,11 @@ class ImageResult(BaseModel):
         ge=0,
         le=1,
         description="Operating threshold on P(PNEUMONIA), chosen on validation data (see /model).",
+    )
+    input_check: InputCheckResult | None = Field(
+        default=None,
+        description="Whether the image is like the films the model was trained on (additive; "
+        "the fields above keep their meaning).",
     )
 
 

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
             cgroup quota allows.
         graceful_timeout_s: On SIGTERM, how long requests in flight may take to finish.
         log_level: Level of the JSON logs.
+        input_check: ``refuse``: answer 422 ``not_a_chest_xray`` for what the input check finds
+            is not a chest X-ray; ``flag``: answer it anyway, with
+            ``input_check.outcome == "not_a_chest_xray"`` (docs/input_check.md).
     """
 
     model_config = SettingsConfigDict(
@@ -63,6 +66,7 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(default=None, ge=1, le=256)
     graceful_timeout_s: float = Field(default=20.0, ge=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    input_check: Literal["refuse", "flag"] = "refuse"
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -74,6 +78,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("input_check", mode="before")
+    @classmethod
+    def _lower_check(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @property
     def max_upload_bytes(self) -> int:

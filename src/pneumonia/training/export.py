@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 
 from pneumonia import __version__
+from pneumonia.guard import EMBEDDING_OUTPUT, GUARD_METADATA_KEY, FeatureGuard, image_check_limits
 from pneumonia.labels import LABELS
 from pneumonia.predictor import (
     CARD_METADATA_KEY,
     INPUT_NAME,
-    OUTPUT_NAMES,
+    OUTPUT_NAMES_WITH_EMBEDDING,
     Predictor,
     sha256_file,
     sidecar_card_path,
@@ -73,8 +74,9 @@ def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: st
         "preprocess": cfg.preprocess.to_dict(),
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", *cfg.preprocess.input_shape], "range": list(cfg.preprocess.value_range)},
         "outputs": {
-            OUTPUT_NAMES[0]: "raw logit of PNEUMONIA, shape (N,)",
-            OUTPUT_NAMES[1]: "class activation map, shape (N, h, w); its spatial mean is the logit",
+            OUTPUT_NAMES_WITH_EMBEDDING[0]: "raw logit of PNEUMONIA, shape (N,)",
+            OUTPUT_NAMES_WITH_EMBEDDING[1]: "class activation map, shape (N, h, w); its spatial mean is the logit",
+            EMBEDDING_OUTPUT: "pooled penultimate features of every member, concatenated, shape (N, D); for the input check",
         },
         "architecture": {**cfg.model.to_dict(), "members": len(cfg.seeds), "parameters": n_params},
         "training": {
@@ -98,10 +100,36 @@ def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: st
     }
 
 
+#: File of a run folder holding the fitted input check (``pneumonia guard fit``).
+GUARD_FILE = "guard.json"
+
+
+def load_run_guard(run_dir: Path) -> FeatureGuard | None:
+    """The input check fitted for this run's current checkpoints, or None if there is none.
+
+    Raises:
+        ValueError: ``guard.json`` was fitted on other checkpoints (refit it).
+    """
+    from pneumonia.training.train import member_dirs
+
+    path = run_dir / GUARD_FILE
+    if not path.is_file():
+        log.warning("%s is missing: the model is exported without the feature-space input check "
+                    "(only the image checks will run); run `pneumonia guard fit %s` first", path, run_dir)
+        return None
+    guard = FeatureGuard.from_dict(json.loads(path.read_text()))
+    current = [sha256_file(d / "best.pt") for d in member_dirs(run_dir)]
+    if guard.fitted.get("members_sha256") != current:
+        raise ValueError(f"{path} was fitted on other checkpoints than the run's; rerun `pneumonia guard fit {run_dir}`")
+    return guard
+
+
 def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, Any]:
     """Export the ensemble of a run folder to ``out`` (ONNX) with card JSON and Markdown beside it.
 
-    Checks that onnxruntime reproduces the PyTorch logits and CAMs within ``PARITY_ATOL``.
+    The run's fitted input check (``guard.json``, from ``pneumonia guard fit``) goes into the
+    file beside the card, its summary into the card. Checks that onnxruntime reproduces the
+    PyTorch logits, CAMs and features within ``PARITY_ATOL``.
 
     Returns:
         The sidecar card (the embedded card plus ``sha256`` and ``file``).
@@ -123,6 +151,11 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     n_params = sum(p.numel() for p in net.parameters())
     name = name or f"pneumonia-{cfg.model.arch}"
     card = _model_card(run_dir, cfg, calib, name, n_params)
+    guard = load_run_guard(run_dir)
+    card["input_check"] = guard.summary() if guard is not None else {
+        "method": "image checks only (no fitted feature statistics)",
+        "image_checks": image_check_limits(),
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, *cfg.preprocess.input_shape)
@@ -132,8 +165,8 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
         (example,),
         str(tmp),
         input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
+        output_names=list(OUTPUT_NAMES_WITH_EMBEDDING),
+        dynamic_axes={INPUT_NAME: {0: "N"}, **{o: {0: "N"} for o in OUTPUT_NAMES_WITH_EMBEDDING}},
         opset_version=17,
         dynamo=False,
     )
@@ -148,6 +181,9 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = CARD_METADATA_KEY, json.dumps(card)
+    if guard is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = GUARD_METADATA_KEY, json.dumps(guard.to_dict())
     proto.producer_name = "pneumonia-detection"
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
@@ -160,12 +196,18 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     # Parity: the exported graph must reproduce the PyTorch ensemble.
     check = torch.rand(4, *cfg.preprocess.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref_logit, ref_cam = net(check)
-    logits, cams = Predictor(out, threads=1).run(check.numpy())
+        ref_logit, ref_cam, ref_emb = net(check)
+    logits, cams, emb = Predictor(out, threads=1).run_all(check.numpy())
     # Logits agree absolutely; CAMs relative to their scale (the baseline's per-pixel map is
     # the logit's 1024 terms times 1024, so float32 rounding alone reaches 1e-4 there).
     cam_scale = max(1.0, float(np.abs(ref_cam.numpy()).max()))
-    err = max(float(np.abs(logits - ref_logit.numpy()).max()), float(np.abs(cams - ref_cam.numpy()).max()) / cam_scale)
+    emb_scale = max(1.0, float(np.abs(ref_emb.numpy()).max()))
+    assert emb is not None
+    err = max(
+        float(np.abs(logits - ref_logit.numpy()).max()),
+        float(np.abs(cams - ref_cam.numpy()).max()) / cam_scale,
+        float(np.abs(emb - ref_emb.numpy()).max()) / emb_scale,
+    )
     if err > PARITY_ATOL:
         raise RuntimeError(f"ONNX export disagrees with PyTorch by {err:.2e} (> {PARITY_ATOL})")
     log.info("exported %s (%d bytes, sha256 %s, parity %.1e)", out, sidecar["bytes"], sidecar["sha256"][:12], err)
@@ -328,9 +370,49 @@ def render_model_card(
             *([SECOND_LOOK, ""] if previous is not None else []),
             comparison_table(rows),
         ]
+    lines += input_check_section(card.get("input_check"))
     lines += [
         "## Versions",
         *[f"- {k}: {x}" for k, x in card["versions"].items()],
         "",
     ]
     return "\n".join(lines)
+
+
+def input_check_section(check: dict[str, Any] | None) -> list[str]:
+    """The card's account of the input check: how it was fitted, its thresholds and measured rates."""
+    lines = ["## Input check (refuses what is not a chest X-ray)"]
+    if not check:
+        lines += ["This model was exported before the input check existed: every image is classified.", ""]
+        return lines
+    limits = check.get("image_checks", {})
+    lines += [
+        "Every image first passes fixed image checks: more than "
+        f"{limits.get('max_colour_fraction', 0):.0%} coloured pixels, contrast under {limits.get('min_contrast')}, "
+        f"pixel noise over {limits.get('max_noise')} of the contrast, or over {limits.get('max_flat_share', 0):.0%} "
+        "of the image in one flat tone is refused as not a chest X-ray.",
+    ]
+    if "flag_distance" not in check:
+        lines += ["No feature statistics were fitted for this model (`pneumonia guard fit` was not run): only the image checks apply.", ""]
+        return lines
+    q = check.get("validation_distance_quantiles", {})
+    lines += [
+        f"- Then a {check['method']} ({check['dim']} features, {check['components']} principal directions), "
+        f"fitted on {check.get('n_train')} films: {check.get('fitted_on', 'the training split')}.",
+        f"- Flagged as unlike the training films above distance {check['flag_distance']:.4f} "
+        f"({check.get('flag_rule')}); refused as not a chest X-ray above {check['refuse_distance']:.4f} "
+        f"({check.get('refuse_rule')}).",
+        f"- Validation films ({check.get('n_validation')}): median distance {q.get('0.5', float('nan')):.4f}, "
+        f"maximum {q.get('1.0', float('nan')):.4f}; {check.get('validation_flagged', 0):.1%} flagged, "
+        f"{check.get('validation_refused', 0):.1%} refused by the feature distance.",
+    ]
+    measured = check.get("measured")
+    if measured:
+        lines.append(f"- Measured ({measured.get('command', 'benchmarks/bench_guard.py')}): " + "; ".join(
+            f"{k}: {v}" for k, v in measured.items() if k != "command"))
+    lines += [
+        "- It is a screen, not a guarantee: an unusual film can be flagged or refused, and an image "
+        "that is not a chest X-ray can pass. Operators can turn refusal into a flag (`INPUT_CHECK=flag`).",
+        "",
+    ]
+    return lines

@@ -159,14 +159,25 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = False) -> Network:
 
 
 class EnsembleForExport(nn.Module):
-    """Average of members' logits and CAMs; the graph that is exported to ONNX."""
+    """The graph that is exported to ONNX: the average of the members' logits and CAMs, and
+    their pooled features side by side (concatenated, not averaged: each member learnt its
+    own feature space), which the input check (pneumonia.guard) measures distances in."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         self.nets = nn.ModuleList(members)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (N,), CAMs (N, h, w), features (N, sum of the members' D))."""
         # Members are networks from build_model; ModuleList only knows them as Module.
         members = cast(list[Network], list(self.nets))
         logits, cams = zip(*(m.cam(x) for m in members), strict=True)
-        return torch.stack(logits).mean(0), torch.stack(cams).mean(0)
+        # embed() repeats the convolutions cam() ran; the exporter's graph holds them twice and
+        # onnxruntime's common-subexpression elimination merges them again (tests/test_guard.py).
+        features = torch.cat([m.embed(x) for m in members], dim=1)
+        return torch.stack(logits).mean(0), torch.stack(cams).mean(0), features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated pooled features alone (N, D), for fitting the input check."""
+        members = cast(list[Network], list(self.nets))
+        return torch.cat([m.embed(x) for m in members], dim=1)

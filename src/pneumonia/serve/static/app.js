@@ -33,6 +33,18 @@
     $("threshold-text").textContent = "threshold " + pct(r.threshold);
     $("p-normal").textContent = pct(r.probabilities.NORMAL);
     $("p-pneumonia").textContent = pct(pPneumonia);
+    // The input check: a film unlike the training films (or, when the service only flags,
+    // an image that is not a chest X-ray) is answered with a warning above the result.
+    const check = r.input_check;
+    const warning = $("input-warning");
+    if (check && check.outcome !== "typical") {
+      const score = check.score === null || check.score === undefined ? "" : " (score " + check.score.toFixed(2) + ")";
+      warning.textContent = "Warning: " + check.message + score + ".";
+      show(warning, true);
+    } else {
+      warning.textContent = "";
+      show(warning, false);
+    }
     const img = $("heatmap");
     if (r.heatmap_png) {
       img.src = "data:image/png;base64," + r.heatmap_png;
