@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +28,8 @@ from pneumonia.guard import (
 from pneumonia.labels import LABELS
 from pneumonia.preprocess import (
     DecodeStats,
-    PreprocessSpec,
     Preprocessed,
+    PreprocessSpec,
     check_model_input,
     preprocess_image,
 )

@@ -41,10 +41,10 @@ from pneumonia._decode import dicom, jpeg, png
 from pneumonia._decode.base import (
     COLOUR_SPREAD,
     MAX_DECODE_BYTES,
-    ColourTally,
-    DecodeStats,
     MAX_PIXELS,
     MIN_SIDE,
+    ColourTally,
+    DecodeStats,
     CorruptImageError,
     DecompressionBombError,
     EmptyImageError,
@@ -61,7 +61,6 @@ from pneumonia._decode.dicom import MAX_INFLATED_BYTES
 
 __all__ = [
     "COLOUR_SPREAD",
-    "DecodeStats",
     "DICOM_MAGIC",
     "DICOM_MAGIC_OFFSET",
     "JPEG_MAGIC",
@@ -72,6 +71,7 @@ __all__ = [
     "PNG_MAGIC",
     "SUPPORTED_FORMATS",
     "CorruptImageError",
+    "DecodeStats",
     "DecompressionBombError",
     "EmptyImageError",
     "ImageError",

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
 from pneumonia.preprocess import ImageError, Preprocessed, preprocess_uint8
 
 if TYPE_CHECKING:
