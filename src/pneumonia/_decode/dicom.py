@@ -15,8 +15,8 @@ import numpy as np
 from pneumonia._decode.base import (
     MAX_DECODE_BYTES,
     MAX_PIXELS,
-    CorruptImageError,
     ColourTally,
+    CorruptImageError,
     DecompressionBombError,
     ImageError,
     UndecodableImageError,

@@ -12,8 +12,8 @@ from PIL import Image
 
 from pneumonia._decode.base import (
     MAX_PIXELS,
-    CorruptImageError,
     ColourTally,
+    CorruptImageError,
     DecompressionBombError,
     ImageError,
     UndecodableImageError,
