@@ -249,8 +249,8 @@ def test_batch_gives_the_refused_file_its_error_and_metrics_count_both(guarded_m
         assert film["input_check"]["outcome"] in (TYPICAL, UNLIKE_TRAINING)
         assert page == {"filename": "page.png", "error": {"code": "not_a_chest_xray", "message": page["error"]["message"]}}
         metrics = c.get("/metrics").text
-    assert 'pneumonia_input_check_total{outcome="not_a_chest_xray",action="refused"} 1.0' in metrics
-    assert 'pneumonia_image_errors_total{code="not_a_chest_xray"} 1.0' in metrics
+    assert 'pneumonia_input_check_total{outcome="not_a_chest_xray",action="refused"} 1' in metrics
+    assert 'pneumonia_image_errors_total{code="not_a_chest_xray"} 1' in metrics
     assert any(line.startswith("pneumonia_input_check_total{outcome=") and 'action="answered"' in line for line in metrics.splitlines())
 
 
@@ -261,7 +261,7 @@ def test_input_check_flag_setting_answers_instead_of_refusing(guarded_model: Pat
         assert r.json()["input_check"]["outcome"] == NOT_A_CHEST_XRAY
         assert "does not look like a chest X-ray" in r.json()["input_check"]["message"]
         metrics = c.get("/metrics").text
-    assert 'pneumonia_input_check_total{outcome="not_a_chest_xray",action="answered"} 1.0' in metrics
+    assert 'pneumonia_input_check_total{outcome="not_a_chest_xray",action="answered"} 1' in metrics
 
 
 def test_input_check_setting_is_validated() -> None:
