@@ -201,7 +201,8 @@ class FeatureGuard:
         proj = z @ self.components.T
         inside = (proj**2 / self.variances).sum(axis=1)
         residual = np.maximum((z**2).sum(axis=1) - (proj**2).sum(axis=1), 0.0) / self.residual_variance
-        return np.sqrt((inside + residual) / self.dim).astype(np.float64)
+        out: np.ndarray = np.sqrt((inside + residual) / self.dim).astype(np.float64)
+        return out
 
     def check(self, features: np.ndarray, reasons: list[list[str]]) -> list[InputCheck]:
         """Verdicts for a batch of features, given each image's image-check reasons."""
