@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # a string annotation only: keeps onnxruntime out of --help
     from pneumonia.predictor import Predictor
+    from pneumonia.training.config import TrainConfig
 
 log = logging.getLogger("pneumonia")
 
@@ -60,12 +61,44 @@ def _load_predictor(path: Path | None) -> Predictor:
     return Predictor(path or default_model_path())
 
 
+#: ``pneumonia train`` flags that change the configuration, so a resumed run cannot take them.
+_TRAIN_CONFIG_FLAGS = ("out", "config", "epochs", "seeds", "arch", "lr", "schedule", "device", "size", "patience", "batch_size", "max_images", "no_augment")
+
+
+def _resume_args(a: argparse.Namespace) -> tuple[TrainConfig, Path, Path] | str:
+    """(config, data, run folder) of ``--resume RUN_DIR``, or the error to print."""
+    from pneumonia.training.config import TrainConfig
+
+    given = [f"--{k.replace('_', '-')}" for k in _TRAIN_CONFIG_FLAGS if getattr(a, k) not in (None, False)]
+    if given:
+        return f"--resume goes on as RUN_DIR/config.json says; drop {', '.join(given)}"
+    run = a.resume
+    if not (run / "config.json").is_file():
+        return f"{run} has no config.json: not a training run folder"
+    cfg = TrainConfig.load(run / "config.json").with_overrides(threads=a.threads)
+    data = a.data
+    if data is None and (run / "data.json").is_file():
+        data = Path(json.loads((run / "data.json").read_text())["data_root"])
+    if data is None:
+        return f"{run} stopped before it recorded its data; pass --data"
+    return cfg, data, run
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from pneumonia.training.config import TrainConfig
-    from pneumonia.training.train import train
 
+    if a.resume is not None:
+        resolved = _resume_args(a)
+        if isinstance(resolved, str):
+            print(f"pneumonia train: error: {resolved}", file=sys.stderr)
+            return 2
+        cfg, data, out = resolved
+        return _run_training(cfg, data, out, not a.no_progress, resume=True)
+    if a.data is None or a.out is None:
+        print("pneumonia train: error: --data and --out are required (or --resume RUN_DIR)", file=sys.stderr)
+        return 2
     cfg = TrainConfig.load(a.config) if a.config else TrainConfig()
     cfg = cfg.with_overrides(
         epochs=a.epochs,
@@ -84,9 +117,31 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=a.size))
     if a.no_augment:
         cfg = replace(cfg, augment=replace(cfg.augment, enabled=False))
-    record = train(cfg, a.data, a.out, progress=not a.no_progress)
+    return _run_training(cfg, a.data, a.out, not a.no_progress, resume=False)
+
+
+def _run_training(cfg: TrainConfig, data: Path, out: Path, progress: bool, resume: bool) -> int:
+    import signal
+
+    from pneumonia.training.train import train
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a stopped run keeps its finished epochs, as on Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        record = train(cfg, data, out, progress=progress, resume=resume)
+    except KeyboardInterrupt:
+        print(
+            f"pneumonia train: interrupted; the finished epochs are saved in {out}, "
+            f"go on with: pneumonia train --resume {out}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = {
-        "run_dir": str(a.out),
+        "run_dir": str(out),
         **record["validation"],
         "threshold": record["threshold"],
         "temperature": record["temperature"],
@@ -388,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train on ROOT/train (Kaggle layout), DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz")
-    t.add_argument("--data", type=Path, required=True, help="Kaggle root, split folder, or MedMNIST .npz (its val split is the validation split)")
-    t.add_argument("--out", type=Path, required=True, help="run folder to write")
+    t.add_argument("--data", type=Path, help="Kaggle root, split folder, or MedMNIST .npz (its val split is the validation split); required unless --resume")
+    t.add_argument("--out", type=Path, help="run folder to write; required unless --resume")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="go on with a stopped run from its last finished epoch, as configured in RUN_DIR/config.json (--data: default the run's)")
     t.add_argument("--config", type=Path, help="a config.json from an earlier run")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seeds", type=int, nargs="+", help="one ensemble member per seed")

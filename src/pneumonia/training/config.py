@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pneumonia import atomic
 from pneumonia.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.training.augment import AugmentConfig
@@ -109,7 +110,7 @@ class TrainConfig:
         return cls(**kw)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

@@ -2,18 +2,25 @@
 
     RUN/config.json            the resolved TrainConfig
     RUN/data.json              counts, skipped files, validation patients
-    RUN/member-<seed>/         history.json and best.pt (state dict + configs) per member
+    RUN/member-<seed>/         history.json and best.pt (state dict + configs) per member, and
+                               last.pt: everything needed to resume after the last finished epoch
     RUN/calibration.json       temperature and bias, threshold rule and threshold, validation
                                metrics, and the stressed validation (per perturbation, worst case)
     RUN/val_predictions.csv    validation file, label, ensemble logit and probability
+
+Every file is written atomically (pneumonia.atomic), so a run stopped at any moment leaves a
+readable folder, and ``train(..., resume=True)`` (``pneumonia train --resume RUN``) goes on
+from each member's last finished epoch to the same result as a run never stopped.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumonia import atomic
 from pneumonia.audit import shortcut_table
 from pneumonia.calibration import calibrated_probability, fit_calibration, nll
 from pneumonia.data import LoadedImages, class_counts, load_images, train_val_split
@@ -44,6 +52,8 @@ from pneumonia.training.stress import StressedScores, stressed_logits, stressed_
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "best.pt"
+#: Per member, rewritten after every epoch: model, optimizer, step, RNG states, history, best.
+LAST = "last.pt"
 
 
 @dataclass
@@ -99,10 +109,50 @@ def _lr_at(step: int, total: int, warmup: int, base: float, schedule: str = "cos
     return base * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _rng_states(g: torch.Generator) -> dict[str, Any]:
+    """Every random state the epoch loop draws from (``g``: shuffling and augmentation)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "generator": g.get_state(),
+        "torch": torch.get_rng_state(),  # dropout
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {**np_state, "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()}},
+        "python": random.getstate(),
+    }
+
+
+def _restore_rng_states(states: dict[str, Any], g: torch.Generator) -> None:
+    g.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np_state = states["numpy"]
+    key = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**np_state, "state": {**np_state["state"], "key": key}})
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic.write_bytes(path, buf.getvalue())
+
+
 def train_member(
-    cfg: TrainConfig, seed: int, train: LoadedImages, val: LoadedImages, out: Path, progress: bool
+    cfg: TrainConfig,
+    seed: int,
+    train: LoadedImages,
+    val: LoadedImages,
+    out: Path,
+    progress: bool,
+    resume: bool = False,
 ) -> MemberResult:
-    """Train one network with early stopping on validation AUC (ties: lower loss)."""
+    """Train one network with early stopping on validation AUC (ties: lower loss).
+
+    After every epoch ``out/last.pt`` holds the whole loop state; with ``resume`` the loop
+    starts from it (a member that had finished is not trained again).
+    """
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -121,7 +171,23 @@ def train_member(
     best: MemberResult | None = None
     stale = 0
     step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch = 1
+    if resume and (out / LAST).is_file():
+        last = torch.load(out / LAST, map_location="cpu", weights_only=True)
+        if last["seed"] != seed:
+            raise ValueError(f"{out / LAST} belongs to seed {last['seed']}, not {seed}")
+        model.load_state_dict(last["model"])
+        opt.load_state_dict(last["optimizer"])
+        step, stale, history = last["step"], last["stale"], last["history"]
+        best_key = (last["best_key"][0], last["best_key"][1])
+        b = last["best"]
+        best = MemberResult(seed, b["epoch"], b["val_auc"], b["val_loss"], b["val_logits"].numpy())
+        _restore_rng_states(last["rng"], g)
+        first_epoch = last["epoch"] + 1
+        log.info("seed %d: resumed after epoch %d", seed, last["epoch"])
+        if last["finished"]:
+            return best
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.time()
         perm = torch.randperm(len(x_train), generator=g)
@@ -168,7 +234,7 @@ def train_member(
         if best_key is None or key > best_key:
             best_key, stale = key, 0
             best = MemberResult(seed, epoch, val_auc, val_loss, val_logits)
-            torch.save(
+            _save_torch(
                 {
                     "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                     "model_config": cfg.model.to_dict(),
@@ -180,7 +246,29 @@ def train_member(
             )
         else:
             stale += 1
-        (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        atomic.write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+        assert best is not None and best_key is not None
+        _save_torch(
+            {
+                "seed": seed,
+                "epoch": epoch,
+                "finished": stale >= cfg.patience or epoch == cfg.epochs,
+                "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "stale": stale,
+                "history": history,
+                "best_key": list(best_key),
+                "best": {
+                    "epoch": best.best_epoch,
+                    "val_auc": best.val_auc,
+                    "val_loss": best.val_loss,
+                    "val_logits": torch.from_numpy(best.val_logits),
+                },
+                "rng": _rng_states(g),
+            },
+            out / LAST,
+        )
         if stale >= cfg.patience:
             best_epoch = best.best_epoch if best else 0
             log.info("seed %d: early stop after epoch %d (best %d)", seed, epoch, best_epoch)
@@ -236,13 +324,22 @@ def member_dirs(run_dir: Path) -> list[Path]:
     return dirs
 
 
-def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Train every member, then calibrate and choose the threshold on validation.
+
+    Args:
+        resume: Go on from each member's ``last.pt`` in ``out`` (members without one start
+            from scratch); ``cfg`` must be the run's own (``out/config.json``).
 
     Returns:
         The calibration record written to ``out/calibration.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        for leftover in atomic.remove_leftovers(out):
+            log.info("removed %s, half-written when the run stopped", leftover)
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     cfg.save(out / "config.json")
     split = train_val_split(data_root, cfg.val_fraction, cfg.split_seed, cfg.max_images)
@@ -263,10 +360,10 @@ def train(cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True
         # What a model could learn instead of the lungs (pneumonia data audit); in the card.
         "shortcuts": shortcut_table(train_s + val_s, progress=progress),
     }
-    (out / "data.json").write_text(json.dumps(data_summary, indent=1) + "\n")
+    atomic.write_text(out / "data.json", json.dumps(data_summary, indent=1) + "\n")
     log.info("train %s, validation %s, skipped %d", data_summary["train"], data_summary["validation"], len(data_summary["skipped"]))
 
-    results = [train_member(cfg, seed, train_d, val_d, out / f"member-{seed}", progress) for seed in cfg.seeds]
+    results = [train_member(cfg, seed, train_d, val_d, out / f"member-{seed}", progress, resume) for seed in cfg.seeds]
     members = [
         {"seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "val_loss": r.val_loss}
         for r in results
@@ -334,12 +431,13 @@ def _write_calibration(
         "members": members,
         "data": data_summary,
     }
-    (out / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-    with (out / "val_predictions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "logit", "probability"])
-        for s, lab, z, p in zip(val_d.samples, val_d.y, logits, prob, strict=True):
-            w.writerow([str(s.path), int(lab), f"{z:.6f}", f"{p:.6f}"])
+    atomic.write_text(out / "calibration.json", json.dumps(record, indent=2) + "\n")
+    rows = io.StringIO(newline="")
+    w = csv.writer(rows)
+    w.writerow(["path", "label", "logit", "probability"])
+    for s, lab, z, p in zip(val_d.samples, val_d.y, logits, prob, strict=True):
+        w.writerow([str(s.path), int(lab), f"{z:.6f}", f"{p:.6f}"])
+    atomic.write_text(out / "val_predictions.csv", rows.getvalue())
     log.info("validation: %s", json.dumps(record["validation"]))
     log.info("stressed validation worst case: %s", json.dumps(stress["worst"]))
     return record
