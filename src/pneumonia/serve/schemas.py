@@ -45,9 +45,10 @@ class InputCheckResult(BaseModel):
         "(otherwise such images get 422 `not_a_chest_xray`)."
     )
     score: float | None = Field(
+        default=None,
         description="Distance of the image's features from the training films', in units of the "
-        "flag threshold (above 1: unlike the training films); null when the model carries no "
-        "fitted feature statistics."
+        "flag threshold (above 1: unlike the training films); absent (or null in a batch) when "
+        "the model carries no fitted feature statistics.",
     )
     message: str = Field(description="The outcome in words, with its reasons.")
 
