@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.common import read_response
 from conftest import jpeg_bytes
-from serve_util import ServerProcess, read_response, running_server
+from serve_util import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
 
