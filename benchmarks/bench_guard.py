@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from pneumonia.guard import NOT_A_CHEST_XRAY, OUTCOMES, UNLIKE_TRAINING
-from pneumonia.predictor import Predictor, Prepared
+from pneumonia.predictor import Predictor
+from pneumonia.preprocess import Preprocessed as Prepared
 from pneumonia.preprocess import ImageError
 
 REPO = Path(__file__).resolve().parents[1]
