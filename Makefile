@@ -49,6 +49,7 @@ serve: install-serve
 lint: ruff mypy
 
 ruff: install-test
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 
 mypy: install-test

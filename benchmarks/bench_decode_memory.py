@@ -193,9 +193,15 @@ def cell(result: dict[str, Any], pixels: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", nargs=2, type=Path, metavar=("WARMUP", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument(
-        "--cases", nargs="+", choices=sorted(CASES), default=list(CASES), metavar="CASE",
+        "--child", nargs=2, type=Path, metavar=("WARMUP", "INPUT"), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=sorted(CASES),
+        default=list(CASES),
+        metavar="CASE",
         help="cases to run, by name (default: all)",
     )
     parser.add_argument(

@@ -33,8 +33,8 @@ import numpy as np
 
 from pneumonia.guard import NOT_A_CHEST_XRAY, OUTCOMES, UNLIKE_TRAINING
 from pneumonia.predictor import Predictor
-from pneumonia.preprocess import Preprocessed as Prepared
 from pneumonia.preprocess import ImageError
+from pneumonia.preprocess import Preprocessed as Prepared
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,9 @@ def log(msg: str) -> None:
     print(f"[bench_guard] {msg}", file=sys.stderr, flush=True)
 
 
-def outcomes(predictor: Predictor, files: list[Path], batch: int = 32) -> tuple[list[str], list[float | None]]:
+def outcomes(
+    predictor: Predictor, files: list[Path], batch: int = 32
+) -> tuple[list[str], list[float | None]]:
     """Each file's outcome (or ``error:<code>``) and score."""
     out: list[str] = [""] * len(files)
     scores: list[float | None] = [None] * len(files)
@@ -55,7 +57,15 @@ def outcomes(predictor: Predictor, files: list[Path], batch: int = 32) -> tuple[
                 idx.append(i)
             except ImageError as exc:
                 out[i] = f"error:{exc.code}"
-        for i, p in zip(idx, predictor.predict_arrays(np.stack([q.input for q in prepared]), stats=[q.stats for q in prepared]) if prepared else [], strict=True):
+        for i, p in zip(
+            idx,
+            predictor.predict_arrays(
+                np.stack([q.input for q in prepared]), stats=[q.stats for q in prepared]
+            )
+            if prepared
+            else [],
+            strict=True,
+        ):
             assert p.check is not None
             out[i], scores[i] = p.check.outcome, p.check.score
     return out, scores
@@ -84,7 +94,9 @@ def cost(predictor: Predictor, prepared: list[Prepared], repeats: int = 3) -> di
     for _ in range(repeats):
         t0 = time.process_time()  # CPU time: robust to other processes on a shared machine
         for i in range(len(x)):  # one image at a time, as /predict does
-            predictor.check_inputs(x[i : i + 1], None if emb is None else emb[i : i + 1], stats[i : i + 1])
+            predictor.check_inputs(
+                x[i : i + 1], None if emb is None else emb[i : i + 1], stats[i : i + 1]
+            )
         best = min(best, (time.process_time() - t0) / len(x))
     tracemalloc.start()
     predictor.check_inputs(x[:1], None if emb is None else emb[:1], stats[:1])
@@ -92,12 +104,18 @@ def cost(predictor: Predictor, prepared: list[Prepared], repeats: int = 3) -> di
     tracemalloc.stop()
     g = predictor.guard
     held = 0 if g is None else g.mean.nbytes + g.components.nbytes + g.variances.nbytes
-    return {"ms_per_image": best * 1000, "peak_bytes_per_check": float(peak), "stored_bytes": float(held)}
+    return {
+        "ms_per_image": best * 1000,
+        "peak_bytes_per_check": float(peak),
+        "stored_bytes": float(held),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, required=True, help="an exported model with a fitted input check")
+    ap.add_argument(
+        "--model", type=Path, required=True, help="an exported model with a fitted input check"
+    )
     ap.add_argument("--nonxray", type=Path, default=REPO / "runs" / "nonradiographs")
     ap.add_argument("--run", type=Path, help="training run folder: measure its validation split")
     ap.add_argument("--data", type=Path, help="Kaggle root: measure ROOT/test (acceptance only)")
@@ -111,11 +129,19 @@ def main() -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         from nonradiographs import build
 
-        film = next(iter(sorted((a.data / "test" / "NORMAL").glob("*.jpeg"))), None) if a.data else None
+        film = (
+            next(iter(sorted((a.data / "test" / "NORMAL").glob("*.jpeg"))), None)
+            if a.data
+            else None
+        )
         log(f"building the non-radiograph set in {a.nonxray}")
         build(a.nonxray, a.model, film)
 
-    report: dict[str, Any] = {"model": {"path": str(a.model), "sha256": predictor.sha256}, "kinds": {}, "films": {}}
+    report: dict[str, Any] = {
+        "model": {"path": str(a.model), "sha256": predictor.sha256},
+        "kinds": {},
+        "films": {},
+    }
     by_kind: dict[str, list[Path]] = defaultdict(list)
     for f in sorted(a.nonxray.glob("*/*")):
         by_kind[f.parent.name].append(f)
@@ -126,8 +152,12 @@ def main() -> int:
         all_nonxray += res
         report["kinds"][kind] = rates(res)
         for version in ("colour", "gray"):
-            report["kinds"][kind][version] = rates([r for f, r in zip(files, res, strict=True) if f"_{version}." in f.name])
-        per_file.update({f"{kind}/{f.name}": [r, s] for f, r, s in zip(files, res, scores, strict=True)})
+            report["kinds"][kind][version] = rates(
+                [r for f, r in zip(files, res, strict=True) if f"_{version}." in f.name]
+            )
+        per_file.update(
+            {f"{kind}/{f.name}": [r, s] for f, r, s in zip(files, res, scores, strict=True)}
+        )
         log(f"{kind}: {report['kinds'][kind]['refused']}/{len(files)} refused")
     report["kinds"]["all"] = rates(all_nonxray)
     report["nonxray_files"] = per_file
@@ -145,27 +175,48 @@ def main() -> int:
     for name, files in film_sets.items():
         res, scores = outcomes(predictor, files)
         report["films"][name] = rates(res)
-        report["films"][name]["refused_files"] = [str(f) for f, r in zip(files, res, strict=True) if r == NOT_A_CHEST_XRAY]
-        log(f"{name} films: {report['films'][name]['refused']} refused, {report['films'][name]['flagged']} flagged of {len(files)}")
+        report["films"][name]["refused_files"] = [
+            str(f) for f, r in zip(files, res, strict=True) if r == NOT_A_CHEST_XRAY
+        ]
+        log(
+            f"{name} films: {report['films'][name]['refused']} refused, "
+            f"{report['films'][name]['flagged']} flagged of {len(files)}"
+        )
 
-    sample = [p for p in (predictor.prepare(f.read_bytes()) for f in (film_sets.get("validation") or film_sets.get("test") or [])[:200])]
+    sample = [
+        p
+        for p in (
+            predictor.prepare(f.read_bytes())
+            for f in (film_sets.get("validation") or film_sets.get("test") or [])[:200]
+        )
+    ]
     if sample:
         report["cost"] = cost(predictor, sample)
 
     print("| set | images | refused as not a chest X-ray | flagged unlike training |")
     print("|---|---|---|---|")
     for kind, r in report["kinds"].items():
-        print(f"| non-radiographs: {kind} | {r['n']} | {r['refused']} ({r['refused_rate']:.1%}) | {r['flagged']} |")
+        print(
+            f"| non-radiographs: {kind} | {r['n']} | {r['refused']} ({r['refused_rate']:.1%}) | {r['flagged']} |"
+        )
     for name, r in report["films"].items():
-        print(f"| {name} films | {r['n']} | {r['refused']} ({r['refused_rate']:.2%}) | {r['flagged']} ({r['flagged_rate']:.2%}) |")
+        print(
+            f"| {name} films | {r['n']} | {r['refused']} ({r['refused_rate']:.2%}) "
+            f"| {r['flagged']} ({r['flagged_rate']:.2%}) |"
+        )
     if "cost" in report:
         c = report["cost"]
-        print(f"\ncheck cost: {c['ms_per_image']:.3f} ms CPU per image, stored statistics {c['stored_bytes'] / 2**20:.2f} MiB, "
-              f"peak {c['peak_bytes_per_check'] / 2**10:.0f} KiB per check")
+        print(
+            f"\ncheck cost: {c['ms_per_image']:.3f} ms CPU per image, "
+            f"stored statistics {c['stored_bytes'] / 2**20:.2f} MiB, "
+            f"peak {c['peak_bytes_per_check'] / 2**10:.0f} KiB per check"
+        )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(report, indent=1) + "\n")
-    assert set(OUTCOMES) >= {k for r in report["kinds"].values() for k in r["outcomes"] if not k.startswith("error:")}
+    assert set(OUTCOMES) >= {
+        k for r in report["kinds"].values() for k in r["outcomes"] if not k.startswith("error:")
+    }
     return 0
 
 

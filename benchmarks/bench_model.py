@@ -43,7 +43,9 @@ def time_model(path: Path, repeats: int, warmup: int = 20) -> dict[str, float | 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("models", type=Path, nargs="+", help="ONNX files; ratios are to the first one")
     ap.add_argument("--repeats", type=int, default=200)
     a = ap.parse_args()

@@ -96,7 +96,13 @@ def run_engine(engine: str, src: Path, out: Path, model: Path, batch_size: int) 
     if proc.returncode != 0:
         raise SystemExit(f"{engine} failed ({proc.returncode}):\n{stderr[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
-    return {"engine": engine, "wall_s": wall, "summary": summary, "rss": mem.peak, "pss": mem.peak_pss}
+    return {
+        "engine": engine,
+        "wall_s": wall,
+        "summary": summary,
+        "rss": mem.peak,
+        "pss": mem.peak_pss,
+    }
 
 
 def predictions(out: Path) -> dict[str, tuple[str | None, float | None]]:

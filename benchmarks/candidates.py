@@ -58,9 +58,13 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("runs", type=Path, nargs="+")
-    ap.add_argument("--timing", type=Path, help="bench_model.py output: v1 first, then one line per run")
+    ap.add_argument(
+        "--timing", type=Path, help="bench_model.py output: v1 first, then one line per run"
+    )
     a = ap.parse_args()
     rows = [load(r) for r in a.runs]
     if a.timing:
@@ -70,7 +74,10 @@ def main() -> None:
             r["bytes"], r["median_ms"] = m["bytes"], m["median_ms"]
             r["latency_ratio"] = m["median_ms"] / v1["median_ms"]
             r["eligible"] = m["bytes"] <= MAX_BYTES and r["latency_ratio"] <= MAX_LATENCY_RATIO
-    print("| run | arch, px, epochs x members | val AUC | val sens / spec | worst stressed bal. acc. (where) | worst AUC | worst spec (where) | worst sens | mean stressed AUC | pooled ECE | MB | ms/image (x v1) |")
+    print(
+        "| run | arch, px, epochs x members | val AUC | val sens / spec | worst stressed bal. acc. (where) | "
+        "worst AUC | worst spec (where) | worst sens | mean stressed AUC | pooled ECE | MB | ms/image (x v1) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         size = f"{r['bytes'] / 1e6:.1f}" if "bytes" in r else "-"

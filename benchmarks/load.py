@@ -681,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                 "load_client": time.process_time() - client_cpu0,
             }
             log(
-                f"load: {load.requests:,} requests, {load.ok:,} ok, {load.ok / load.seconds:.1f}/s, statuses {dict(load.statuses)}"
+                f"load: {load.requests:,} requests, {load.ok:,} ok, "
+                f"{load.ok / load.seconds:.1f}/s, statuses {dict(load.statuses)}"
             )
 
             if args.burst_duration > 0:

@@ -68,13 +68,50 @@ def photos() -> Iterator[tuple[str, np.ndarray]]:
         if img.dtype == bool:
             img = img.astype(np.uint8) * 255
         elif img.dtype != np.uint8:
-            img = (255 * (img - img.min()) / max(1e-9, float(img.max() - img.min()))).astype(np.uint8)
+            img = (255 * (img - img.min()) / max(1e-9, float(img.max() - img.min()))).astype(
+                np.uint8
+            )
         yield f"skimage_{name}", img
     for name in ("china.jpg", "flower.jpg"):
         yield f"sklearn_{name.split('.')[0]}", load_sample_image(name)
 
 
-LOREM = ["Patient", "name", "date", "of", "birth", "referring", "physician", "clinical", "information", "request", "for", "examination", "chest", "radiograph", "please", "report", "findings", "and", "impression", "signature", "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "0123456789", "invoice", "total", "amount", "due"]
+LOREM = [
+    "Patient",
+    "name",
+    "date",
+    "of",
+    "birth",
+    "referring",
+    "physician",
+    "clinical",
+    "information",
+    "request",
+    "for",
+    "examination",
+    "chest",
+    "radiograph",
+    "please",
+    "report",
+    "findings",
+    "and",
+    "impression",
+    "signature",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "0123456789",
+    "invoice",
+    "total",
+    "amount",
+    "due",
+]
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -84,7 +121,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _text_page(rng: np.random.Generator, w: int, h: int, size: int, form: bool, header: bool) -> Image.Image:
+def _text_page(
+    rng: np.random.Generator, w: int, h: int, size: int, form: bool, header: bool
+) -> Image.Image:
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     font = _font(size)
@@ -96,7 +135,12 @@ def _text_page(rng: np.random.Generator, w: int, h: int, size: int, form: bool, 
     while y < h - size * 2:
         if form and rng.random() < 0.3:
             d.rectangle([size, y, w - size, y + size * 2], outline="black", width=2)
-            d.text((size * 2, y + size // 3), " ".join(rng.choice(LOREM, 3)) + ":", fill="black", font=font)
+            d.text(
+                (size * 2, y + size // 3),
+                " ".join(rng.choice(LOREM, 3)) + ":",
+                fill="black",
+                font=font,
+            )
             y += size * 3
             continue
         words = " ".join(rng.choice(LOREM, max(3, w // (size * 4))))
@@ -151,7 +195,10 @@ def gradients() -> Iterator[tuple[str, np.ndarray]]:
         colour = np.stack([g, 255 - g, (g // 2 + 64)], axis=-1)
         yield f"gradient_{name}", colour
         if name == "horizontal":
-            yield "gradient_rainbow", (255 * np.stack([r, np.sin(np.pi * r) ** 2, 1 - r], -1)).astype(np.uint8)
+            yield (
+                "gradient_rainbow",
+                (255 * np.stack([r, np.sin(np.pi * r) ** 2, 1 - r], -1)).astype(np.uint8),
+            )
 
 
 def noises() -> Iterator[tuple[str, np.ndarray]]:
@@ -164,11 +211,16 @@ def noises() -> Iterator[tuple[str, np.ndarray]]:
     sp[m < 0.1], sp[m > 0.9] = 0, 255
     yield "noise_salt_pepper", sp
     for sigma in (2, 8, 24):
-        blob = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).filter(ImageFilter.GaussianBlur(sigma))
+        blob = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).filter(
+            ImageFilter.GaussianBlur(sigma)
+        )
         a = np.asarray(blob, dtype=np.float32)
         a = (a - a.min((0, 1))) / np.maximum(1e-6, np.ptp(a, axis=(0, 1))) * 255
         yield f"noise_blobs{sigma}", a.astype(np.uint8)
-    yield "noise_gaussian_small", np.clip(rng.normal(128, 50, (96, 128, 3)), 0, 255).astype(np.uint8)
+    yield (
+        "noise_gaussian_small",
+        np.clip(rng.normal(128, 50, (96, 128, 3)), 0, 255).astype(np.uint8),
+    )
 
 
 def _free_port() -> int:
@@ -180,7 +232,9 @@ def _free_port() -> int:
 def screenshots(model: Path | None, film: Path | None) -> Iterator[tuple[str, np.ndarray]]:
     """The service's pages in Chromium: the upload page (empty and with a result), the docs."""
     if not CHROMIUM.exists():
-        log(f"no Chromium at {CHROMIUM}; screenshots skipped (apt-get install chromium, or set CHROMIUM)")
+        log(
+            f"no Chromium at {CHROMIUM}; screenshots skipped (apt-get install chromium, or set CHROMIUM)"
+        )
         return
     from playwright.sync_api import sync_playwright
 
@@ -188,13 +242,20 @@ def screenshots(model: Path | None, film: Path | None) -> Iterator[tuple[str, np
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "LOG_LEVEL": "WARNING"}
     if model is not None:
         env["MODEL_PATH"] = str(model)
-    server = subprocess.Popen([sys.executable, "-m", "pneumonia.cli", "serve"], env=env, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pneumonia.cli", "serve"], env=env, stderr=subprocess.DEVNULL
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=str(CHROMIUM),
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                ],
             )
             page = browser.new_page()
             for _ in range(100):
@@ -234,7 +295,9 @@ def _versions(img: np.ndarray) -> Iterator[tuple[str, Image.Image]]:
     gray = pil.convert("L")
     if pil.mode == "L" or (img.ndim == 3 and np.ptp(img[..., :3].astype(int), axis=-1).max() < 8):
         g = np.asarray(gray, dtype=np.float32)[..., None]
-        tinted = np.clip(g * np.array([1.0, 0.8, 0.55]) + np.array([20, 10, 0]), 0, 255).astype(np.uint8)
+        tinted = np.clip(g * np.array([1.0, 0.8, 0.55]) + np.array([20, 10, 0]), 0, 255).astype(
+            np.uint8
+        )
         yield "colour", Image.fromarray(tinted)
     else:
         yield "colour", pil.convert("RGB")
@@ -266,7 +329,11 @@ def build(out: Path, model: Path | None = None, film: Path | None = None) -> Cou
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", type=Path, help="model the screenshot server loads (default: $MODEL_PATH or shipped)")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        help="model the screenshot server loads (default: $MODEL_PATH or shipped)",
+    )
     ap.add_argument("--film", type=Path, help="a chest film to upload for the result screenshots")
     a = ap.parse_args()
     counts = build(a.out, a.model, a.film)

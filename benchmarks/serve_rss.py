@@ -53,9 +53,13 @@ def jpeg(width: int = 1500, height: int = 1200) -> bytes:
 
 def post_predict(url: str, data: bytes) -> int:
     body = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
     req = urllib.request.Request(
         url + "/predict",
         data=body,

@@ -45,8 +45,14 @@ def make_split(folder: Path, n_per_class: int, seed: int, size: int = 96) -> Pat
         d.mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             patient = seed * 1000 + i // 2  # two films per patient
-            fname = f"IM-{patient:04d}-000{i % 2}.jpeg" if label == 0 else f"person{patient}_bacteria_{i}.jpeg"
-            (d / fname).write_bytes(encode(synthetic_xray(label, seed * 10_000 + label * 1000 + i, size)))
+            fname = (
+                f"IM-{patient:04d}-000{i % 2}.jpeg"
+                if label == 0
+                else f"person{patient}_bacteria_{i}.jpeg"
+            )
+            (d / fname).write_bytes(
+                encode(synthetic_xray(label, seed * 10_000 + label * 1000 + i, size))
+            )
     return folder
 
 

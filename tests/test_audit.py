@@ -45,11 +45,21 @@ def build(root: Path, n: int = 24, *, shortcut: bool, informative: bool = False)
                 # A smooth random field per film: different children do not share one template.
                 rng = np.random.default_rng(k)
                 field = np.kron(rng.normal(0, 25, (4, 4)), np.ones((24, 24)))
-                blur = np.asarray(Image.fromarray(field.astype(np.float32), mode="F").resize((12, 12)).resize((96, 96), Image.Resampling.BICUBIC))
+                blur = np.asarray(
+                    Image.fromarray(field.astype(np.float32), mode="F")
+                    .resize((12, 12))
+                    .resize((96, 96), Image.Resampling.BICUBIC)
+                )
                 arr = np.clip(arr + blur, 0, 255).astype(np.uint8)
                 if shortcut and label:
-                    arr = np.asarray(Image.fromarray(arr).resize((134, 96), Image.Resampling.BILINEAR))
-                name = f"person{seed}{label}{i:02d}_bacteria_{i}.jpeg" if label else f"IM-{seed}{i:03d}-0001.jpeg"
+                    arr = np.asarray(
+                        Image.fromarray(arr).resize((134, 96), Image.Resampling.BILINEAR)
+                    )
+                name = (
+                    f"person{seed}{label}{i:02d}_bacteria_{i}.jpeg"
+                    if label
+                    else f"IM-{seed}{i:03d}-0001.jpeg"
+                )
                 _write(root / split / cls / name, arr, quality=90)
     return root
 
@@ -76,10 +86,22 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_counts_and_unreadable(planted: tuple[Path, dict]) -> None:
     _, r = planted
-    assert r["counts"]["images"]["train"] == {"NORMAL": 24, "PNEUMONIA": 25, "total": 49, "unreadable": 0}
-    assert r["counts"]["images"]["test"] == {"NORMAL": 25, "PNEUMONIA": 26, "total": 51, "unreadable": 1}
+    assert r["counts"]["images"]["train"] == {
+        "NORMAL": 24,
+        "PNEUMONIA": 25,
+        "total": 49,
+        "unreadable": 0,
+    }
+    assert r["counts"]["images"]["test"] == {
+        "NORMAL": 25,
+        "PNEUMONIA": 26,
+        "total": 51,
+        "unreadable": 1,
+    }
     [bad] = r["counts"]["unreadable"]
-    assert bad["path"] == "test/NORMAL/IM-9999-0001.jpeg" and bad["reason"].startswith("unsupported_format")
+    assert bad["path"] == "test/NORMAL/IM-9999-0001.jpeg" and bad["reason"].startswith(
+        "unsupported_format"
+    )
 
 
 def test_duplicates_exact_and_near(planted: tuple[Path, dict]) -> None:
@@ -93,8 +115,14 @@ def test_duplicates_exact_and_near(planted: tuple[Path, dict]) -> None:
     pairs = {(p["a"], p["b"]) for p in d["near"]["list"]}
     # The near copy matches both identical train files, and nothing else is near anything.
     assert pairs == {
-        ("train/PNEUMONIA/person1103_bacteria_3.jpeg", "test/PNEUMONIA/person1103_bacteria_500.jpeg"),
-        ("train/PNEUMONIA/person1199_bacteria_99.jpeg", "test/PNEUMONIA/person1103_bacteria_500.jpeg"),
+        (
+            "train/PNEUMONIA/person1103_bacteria_3.jpeg",
+            "test/PNEUMONIA/person1103_bacteria_500.jpeg",
+        ),
+        (
+            "train/PNEUMONIA/person1199_bacteria_99.jpeg",
+            "test/PNEUMONIA/person1103_bacteria_500.jpeg",
+        ),
     }
     assert d["near"]["by_split"] == {"across:test+train": 2} and d["near"]["label_conflicts"] == 0
     assert all(p["correlation"] >= 0.98 for p in d["near"]["list"])
@@ -108,7 +136,10 @@ def test_patients_true_overlap_apart_from_id_collisions(planted: tuple[Path, dic
     assert cross["splits"] == ["train", "test"] and cross["shared_ids"] == 2
     [overlap] = cross["true_overlap"]
     assert overlap["patient"] == "person1103"
-    assert overlap["matching_images"][0] == ["train/PNEUMONIA/person1103_bacteria_3.jpeg", "test/PNEUMONIA/person1103_bacteria_500.jpeg"]
+    assert overlap["matching_images"][0] == [
+        "train/PNEUMONIA/person1103_bacteria_3.jpeg",
+        "test/PNEUMONIA/person1103_bacteria_500.jpeg",
+    ]
     assert cross["id_collisions"] == ["person1105"]
     assert any("person" in w or "patient" in w for w in r["warnings"])
 
@@ -150,12 +181,20 @@ def test_html_is_self_contained(planted: tuple[Path, dict]) -> None:
     json.dumps(r, allow_nan=False)  # strict JSON
 
 
-def test_cli_writes_json_and_html(planted: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_json_and_html(
+    planted: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = planted
     out, page = tmp_path / "a.json", tmp_path / "a.html"
-    assert main(["data", "audit", str(root), "--json", str(out), "--html", str(page), "--no-progress"]) == 0
+    assert (
+        main(["data", "audit", str(root), "--json", str(out), "--html", str(page), "--no-progress"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["images"] == {"train": 49, "test": 51} and summary["trainer_split_shared_patients"] == 0
+    assert (
+        summary["images"] == {"train": 49, "test": 51}
+        and summary["trainer_split_shared_patients"] == 0
+    )
     assert "train:stretch_ratio" in " ".join(summary["shortcut_warnings"])
     assert json.loads(out.read_text())["counts"]["images"]["train"]["total"] == 49
     assert page.read_text().startswith("<!doctype html>")
@@ -166,7 +205,11 @@ def test_npz_and_manifest_inputs(tmp_path: Path) -> None:
 
     npz = medmnist_npz(tmp_path / "pneumoniamnist_64.npz", sizes={"train": 12, "val": 4, "test": 4})
     r = audit(npz)
-    assert {k: v["total"] for k, v in r["counts"]["images"].items()} == {"train": 12, "val": 4, "test": 4}
+    assert {k: v["total"] for k, v in r["counts"]["images"].items()} == {
+        "train": 12,
+        "val": 4,
+        "test": 4,
+    }
     assert r["patients"]["trainer_split"]["method"] == "medmnist-val"
     assert r["patients"]["trainer_split"]["shared_patients"] is None
     assert r["patients"]["across_splits"][0]["shared_ids"] == 0
@@ -211,16 +254,21 @@ def test_real_data_stretch_shortcut_and_trainer_split() -> None:
     rng = np.random.default_rng(0)
     sub = [samples[i] for i in sorted(rng.choice(len(samples), 300, replace=False))]
     stretch = next(x for x in shortcut_table(sub) if x["statistic"] == "stretch_ratio")
-    assert stretch["warning"] and stretch["auc"] > 0.8 and stretch["direction"] == "higher in PNEUMONIA"
+    assert (
+        stretch["warning"]
+        and stretch["auc"] > 0.8
+        and stretch["direction"] == "higher in PNEUMONIA"
+    )
     ts = trainer_split_section([], SHARED_DATA, 0.2, 0, set())
     plan = train_val_split(SHARED_DATA)
     assert ts is not None and ts["shared_patients"] == 0
     assert (ts["train_images"], ts["val_images"]) == (len(plan.train), len(plan.val))
 
 
-
 def test_model_card_shows_the_training_datas_shortcuts(tiny_card: dict, tiny_model: Path) -> None:
     rows = tiny_card["training"]["data"]["shortcuts"]
-    assert [r["statistic"] for r in rows] == list(STATISTICS) and {r["split"] for r in rows} == {"train"}
+    assert [r["statistic"] for r in rows] == list(STATISTICS) and {r["split"] for r in rows} == {
+        "train"
+    }
     assert all(set(r) == {"statistic", "split", "auc", "warning", "direction"} for r in rows)
     assert "Shortcut check" in tiny_model.with_suffix(".card.md").read_text()

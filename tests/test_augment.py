@@ -123,9 +123,18 @@ def test_crops_change_the_aspect_and_only_within_the_range() -> None:
     """The crop's width / height ratio, read off a stretched grid, stays inside ``aspect`` and
     covers much of it: the shape shortcut varies in both directions."""
     cfg = AugmentConfig(
-        rotate_deg=0.0, translate=0.0, crop_area=(0.7, 1.0), aspect=(0.75, 1.35), gamma=(1.0, 1.0),
-        contrast=(1.0, 1.0), brightness=0.0, blur_prob=0.0, noise_prob=0.0, lowres_prob=0.0,
-        jpeg_prob=0.0, border_prob=0.0,
+        rotate_deg=0.0,
+        translate=0.0,
+        crop_area=(0.7, 1.0),
+        aspect=(0.75, 1.35),
+        gamma=(1.0, 1.0),
+        contrast=(1.0, 1.0),
+        brightness=0.0,
+        blur_prob=0.0,
+        noise_prob=0.0,
+        lowres_prob=0.0,
+        jpeg_prob=0.0,
+        border_prob=0.0,
     )
     size = 128
     from pneumonia.training.augment import crop_extent

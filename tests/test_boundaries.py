@@ -233,8 +233,15 @@ def test_evaluate_without_plotting_says_so_before_loading_anything(
     env, report = guard_env(tmp_path)
     out = subprocess.run(
         pneumonia_command(
-            "evaluate", "--data", str(tmp_path / "nowhere"), "--json", str(tmp_path / "r.json"),
-            "--plots", str(tmp_path / "plots"), "--model", str(tmp_path / "absent.onnx"),
+            "evaluate",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--model",
+            str(tmp_path / "absent.onnx"),
         ),
         env={**os.environ, **env},
         capture_output=True,

@@ -14,7 +14,9 @@ from pneumonia.calibration import (
 )
 
 
-def synthetic_logits(t0: float, b0: float = 0.0, n: int = 8_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_logits(
+    t0: float, b0: float = 0.0, n: int = 8_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits z and labels y ~ Bernoulli(sigmoid(z / t0 + b0)): the true calibration is (t0, b0)."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0.0, 4.0, n)

@@ -45,7 +45,9 @@ def test_gray_stem_equals_the_rgb_network_on_a_gray_image() -> None:
     load_imagenet_weights(net, path)
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     rgb = torch.nn.functional.conv2d(
-        torch.nn.functional.pad((x.repeat(1, 3, 1, 1) - 0.5) / 0.5, (0, 1, 0, 1)), state["_conv_stem.weight"], stride=2
+        torch.nn.functional.pad((x.repeat(1, 3, 1, 1) - 0.5) / 0.5, (0, 1, 0, 1)),
+        state["_conv_stem.weight"],
+        stride=2,
     )
     gray = net._conv_stem((x - 0.5) / 0.5)
     assert torch.allclose(gray, rgb, atol=1e-5)
@@ -75,7 +77,15 @@ def test_onnx_export_agrees_with_torch(tmp_path: Path) -> None:
     net = EnsembleForExport([EfficientNetLite0(drop_path=0.0).eval()]).eval()
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
     path = tmp_path / "m.onnx"
-    torch.onnx.export(net, (x,), str(path), input_names=["image"], output_names=["logit", "cam"], opset_version=17, dynamo=False)
+    torch.onnx.export(
+        net,
+        (x,),
+        str(path),
+        input_names=["image"],
+        output_names=["logit", "cam"],
+        opset_version=17,
+        dynamo=False,
+    )
     sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logit, cam, _ = sess.run(None, {"image": x.numpy()})
     with torch.no_grad():

@@ -222,7 +222,9 @@ def test_report_values_match_the_functions() -> None:
         (np.zeros(0, int), np.zeros(0)),  # no images at all
     ],
 )
-def test_report_is_strict_json_when_values_are_undefined(y: np.ndarray, p: np.ndarray, tmp_path: Path) -> None:
+def test_report_is_strict_json_when_values_are_undefined(
+    y: np.ndarray, p: np.ndarray, tmp_path: Path
+) -> None:
     """Regression: one-class sets gave NaN (AUC, reliability bins) and the bootstrap crashed;
     json.dumps wrote NaN, which is not JSON. Undefined values must be null, and the plots and
     the comparison table (which formatted them as floats) must still draw them."""

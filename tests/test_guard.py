@@ -79,16 +79,24 @@ def test_image_checks_pass_radiograph_like_films() -> None:
         # Shrunk to the input size, lines of text are either one flat tone or a fine texture.
         ("text page", lambda: png(text_page()), ("flat tone", "noise")),
         ("blank", lambda: png(np.full((100, 100), 200, np.uint8)), ("blank",)),
-        ("noise", lambda: png(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)), ("noise",)),
+        (
+            "noise",
+            lambda: png(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)),
+            ("noise",),
+        ),
     ],
 )
-def test_image_checks_refuse_what_is_not_a_radiograph(name: str, make: Any, reason: tuple[str, ...]) -> None:
+def test_image_checks_refuse_what_is_not_a_radiograph(
+    name: str, make: Any, reason: tuple[str, ...]
+) -> None:
     x, stats = model_input(make())
     reasons = image_reasons(x, stats)
     assert any(word in r for r in reasons for word in reason), (name, reasons)
 
 
-def test_colour_is_counted_before_the_gray_conversion_and_a_gray_film_saved_as_rgb_has_none() -> None:
+def test_colour_is_counted_before_the_gray_conversion_and_a_gray_film_saved_as_rgb_has_none() -> (
+    None
+):
     film = synthetic_xray(1, 3, 96)
     rgb = np.repeat(film[..., None], 3, axis=-1)  # how the Kermany copies are saved
     for data in (encode(rgb, "JPEG"), png(rgb)):
@@ -132,7 +140,9 @@ def test_feature_guard_flags_unusual_and_refuses_far_features_and_round_trips() 
 
 def test_feature_guard_refuses_corrupt_statistics() -> None:
     rng = np.random.default_rng(1)
-    d = fit_feature_guard(rng.normal(size=(30, 6)), rng.normal(size=(10, 6)), components=3).to_dict()
+    d = fit_feature_guard(
+        rng.normal(size=(30, 6)), rng.normal(size=(10, 6)), components=3
+    ).to_dict()
     with pytest.raises(ValueError, match="input check"):
         FeatureGuard.from_dict({**d, "components_k": 4})
     with pytest.raises(ValueError, match="input check"):
@@ -143,7 +153,9 @@ def test_feature_guard_refuses_corrupt_statistics() -> None:
 
 
 @pytest.fixture(scope="module")
-def guarded_run(tiny_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def guarded_run(
+    tiny_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     from pneumonia.training.guard_fit import fit_run_guard
 
     run = tmp_path_factory.mktemp("guarded") / "run"
@@ -161,7 +173,9 @@ def guarded_model(guarded_run: Path) -> Path:
     return out
 
 
-def test_fitted_statistics_round_trip_through_export(guarded_run: Path, guarded_model: Path) -> None:
+def test_fitted_statistics_round_trip_through_export(
+    guarded_run: Path, guarded_model: Path
+) -> None:
     fitted = FeatureGuard.from_dict(json.loads((guarded_run / "guard.json").read_text()))
     p = Predictor(guarded_model)
     assert p.guard is not None
@@ -169,7 +183,10 @@ def test_fitted_statistics_round_trip_through_export(guarded_run: Path, guarded_
     assert p.guard.flag_distance == fitted.flag_distance
     card = json.loads(guarded_model.with_suffix(".card.json").read_text())
     check = card["input_check"]
-    assert check["n_train"] == fitted.fitted["n_train"] and check["flag_distance"] == fitted.flag_distance
+    assert (
+        check["n_train"] == fitted.fitted["n_train"]
+        and check["flag_distance"] == fitted.flag_distance
+    )
     assert "training split" in check["fitted_on"]
     assert "Input check" in guarded_model.with_suffix(".card.md").read_text()
     # The features the model gives are the ones the statistics were fitted on.
@@ -190,7 +207,9 @@ def test_stale_statistics_are_refused_at_export(guarded_run: Path, tmp_path: Pat
         export_run(run, tmp_path / "m.onnx")
 
 
-def test_a_model_without_the_embedding_output_still_loads_with_image_checks_only(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_model_without_the_embedding_output_still_loads_with_image_checks_only(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     import onnx
 
     proto = onnx.load(str(tiny_model))
@@ -220,7 +239,9 @@ def guarded_client(guarded_model: Path) -> Iterator[TestClient]:
 
 
 def test_predict_refuses_a_photo_with_422_not_a_chest_xray(guarded_client: TestClient) -> None:
-    r = guarded_client.post("/predict", files={"file": ("holiday.png", png(colour_photo()), "image/png")})
+    r = guarded_client.post(
+        "/predict", files={"file": ("holiday.png", png(colour_photo()), "image/png")}
+    )
     assert r.status_code == 422
     body = r.json()
     assert set(body) == {"error"} and body["error"]["code"] == "not_a_chest_xray"
@@ -229,7 +250,9 @@ def test_predict_refuses_a_photo_with_422_not_a_chest_xray(guarded_client: TestC
 
 
 def test_predict_answers_a_film_with_its_input_check(guarded_client: TestClient) -> None:
-    r = guarded_client.post("/predict", files={"file": ("film.jpeg", jpeg_bytes(label=1, seed=7), "image/jpeg")})
+    r = guarded_client.post(
+        "/predict", files={"file": ("film.jpeg", jpeg_bytes(label=1, seed=7), "image/jpeg")}
+    )
     assert r.status_code == 200, r.text
     check = r.json()["input_check"]
     assert check["outcome"] in (TYPICAL, UNLIKE_TRAINING)
@@ -247,11 +270,17 @@ def test_batch_gives_the_refused_file_its_error_and_metrics_count_both(guarded_m
         assert r.status_code == 200
         film, page = r.json()["results"]
         assert film["input_check"]["outcome"] in (TYPICAL, UNLIKE_TRAINING)
-        assert page == {"filename": "page.png", "error": {"code": "not_a_chest_xray", "message": page["error"]["message"]}}
+        assert page == {
+            "filename": "page.png",
+            "error": {"code": "not_a_chest_xray", "message": page["error"]["message"]},
+        }
         metrics = c.get("/metrics").text
     assert 'pneumonia_input_check_total{outcome="not_a_chest_xray",action="refused"} 1' in metrics
     assert 'pneumonia_image_errors_total{code="not_a_chest_xray"} 1' in metrics
-    assert any(line.startswith("pneumonia_input_check_total{outcome=") and 'action="answered"' in line for line in metrics.splitlines())
+    assert any(
+        line.startswith("pneumonia_input_check_total{outcome=") and 'action="answered"' in line
+        for line in metrics.splitlines()
+    )
 
 
 def test_input_check_flag_setting_answers_instead_of_refusing(guarded_model: Path) -> None:
@@ -283,16 +312,38 @@ def test_score_rows_carry_the_refusal_as_their_error(guarded_model: Path, tmp_pa
     (folder / "page.png").write_bytes(png(text_page()))
     (folder / "blank.png").write_bytes(png(np.zeros((80, 80), np.uint8)))
     out = tmp_path / "scores.csv"
-    assert main(["score", str(folder), "--out", str(out), "--model", str(guarded_model), "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(folder),
+                "--out",
+                str(out),
+                "--model",
+                str(guarded_model),
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     import csv
 
     rows = {r["path"]: r for r in csv.DictReader(out.open())}
-    assert rows["film.jpeg"]["error"] == "" and rows["film.jpeg"]["prediction"] in ("NORMAL", "PNEUMONIA")
+    assert rows["film.jpeg"]["error"] == "" and rows["film.jpeg"]["prediction"] in (
+        "NORMAL",
+        "PNEUMONIA",
+    )
     for name in ("page.png", "blank.png"):
-        assert rows[name]["error"].startswith("not_a_chest_xray: ") and rows[name]["prediction"] == ""
+        assert (
+            rows[name]["error"].startswith("not_a_chest_xray: ") and rows[name]["prediction"] == ""
+        )
 
 
-def test_cli_predict_refuses_or_flags(guarded_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_predict_refuses_or_flags(
+    guarded_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pneumonia.cli import main
 
     page = tmp_path / "page.png"
@@ -307,15 +358,33 @@ def test_cli_predict_refuses_or_flags(guarded_model: Path, tmp_path: Path, capsy
     assert line["input_check"]["outcome"] == NOT_A_CHEST_XRAY
 
 
-def test_cli_evaluate_reports_how_many_it_would_refuse(guarded_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_evaluate_reports_how_many_it_would_refuse(
+    guarded_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pneumonia.cli import main
 
     data = tmp_path / "eval"
     shutil.copytree(synthetic_root / "test", data)
     (data / "NORMAL" / "page.png").write_bytes(png(text_page()))
     out = tmp_path / "report.json"
-    assert main(["evaluate", "--model", str(guarded_model), "--data", str(data), "--json", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(guarded_model),
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     counts = json.loads(out.read_text())["input_check"]
     assert counts["not_a_chest_xray"] >= 1 and counts["feature_check"] is True
     assert sum(counts[o] for o in (TYPICAL, UNLIKE_TRAINING, NOT_A_CHEST_XRAY)) == 25
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["input_check"]["not_a_chest_xray"] >= 1
+    assert (
+        json.loads(capsys.readouterr().out.splitlines()[-1])["input_check"]["not_a_chest_xray"] >= 1
+    )

@@ -472,9 +472,7 @@ CASES = [
     pytest.param(
         # Over 1 MiB of pixel data, left in the upload rather than read with the header. Sent
         # alone only (no ``file``): with it the one-batch case would pass MAX_UPLOAD_MB.
-        Case(
-            lambda: upload(dicom_bytes(gray12_large())[: 1 << 20]), 422, "corrupt_image"
-        ),
+        Case(lambda: upload(dicom_bytes(gray12_large())[: 1 << 20]), 422, "corrupt_image"),
         id="truncated-dicom-large-pixel-data",
     ),
     pytest.param(

@@ -66,7 +66,9 @@ def test_npz_pixels_preprocess_like_a_png_file(npz64: Path) -> None:
 
 
 def test_28_pixel_npz_loads(tmp_path: Path) -> None:
-    npz = medmnist_npz(tmp_path / "pneumoniamnist.npz", size=28, sizes={"train": 4, "val": 2, "test": 2})
+    npz = medmnist_npz(
+        tmp_path / "pneumoniamnist.npz", size=28, sizes={"train": 4, "val": 2, "test": 2}
+    )
     loaded = load_images(split_samples(npz, "train"), PreprocessSpec(size=64))
     assert loaded.x.shape == (4, 1, 64, 64) and not loaded.skipped
 
@@ -87,7 +89,9 @@ def test_npz_layout_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_npz_train_evaluate_score(npz64: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_npz_train_evaluate_score(
+    npz64: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pneumonia.training.config import TrainConfig
     from pneumonia.training.export import export_run
     from pneumonia.training.model import ModelConfig
@@ -115,14 +119,42 @@ def test_npz_train_evaluate_score(npz64: Path, tmp_path: Path, capsys: pytest.Ca
 
     capsys.readouterr()
     for split, n in (("test", 16), ("val", 16), ("train", 48)):
-        args = ["evaluate", "--data", str(npz64), "--json", str(tmp_path / f"{split}.json"), "--model", str(model), "--no-progress"]
+        args = [
+            "evaluate",
+            "--data",
+            str(npz64),
+            "--json",
+            str(tmp_path / f"{split}.json"),
+            "--model",
+            str(model),
+            "--no-progress",
+        ]
         assert main([*args, "--split", split] if split != "test" else args) == 0
         report = json.loads((tmp_path / f"{split}.json").read_text())
         assert report["n"] == n and report["data"].endswith(f"pneumoniamnist_64.npz/{split}")
     out = tmp_path / "scores.csv"
     capsys.readouterr()
-    assert main(["score", str(npz64), "--out", str(out), "--model", str(model), "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(npz64),
+                "--out",
+                str(out),
+                "--model",
+                str(model),
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 80 and summary["errors"] == {}
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("id,") and lines[1].startswith("train/00000,") and lines[-1].startswith("test/00015,")
+    assert (
+        lines[0].startswith("id,")
+        and lines[1].startswith("train/00000,")
+        and lines[-1].startswith("test/00015,")
+    )

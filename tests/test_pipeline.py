@@ -49,7 +49,17 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
 def test_card_carries_what_serving_needs(tiny_model: Path, tiny_card: dict) -> None:
     from pneumonia.predictor import Predictor, sha256_file
 
-    for key in ("labels", "threshold", "temperature", "bias", "preprocess", "validation_metrics", "versions", "training", "intended_use"):
+    for key in (
+        "labels",
+        "threshold",
+        "temperature",
+        "bias",
+        "preprocess",
+        "validation_metrics",
+        "versions",
+        "training",
+        "intended_use",
+    ):
         assert key in tiny_card
     assert tiny_card["sha256"] == sha256_file(tiny_model)
     assert Predictor(tiny_model).card["preprocess"] == tiny_card["preprocess"]
@@ -58,28 +68,88 @@ def test_card_carries_what_serving_needs(tiny_model: Path, tiny_card: dict) -> N
 
 
 @pytest.mark.slow  # draws every plot
-def test_evaluate_cli_writes_report_and_plots(tiny_model: Path, tiny_run: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_cli_writes_report_and_plots(
+    tiny_model: Path,
+    tiny_run: Path,
+    synthetic_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "report.json"
     plots = tmp_path / "plots"
-    rc = main(["evaluate", "--data", str(synthetic_root / "test"), "--json", str(out), "--model", str(tiny_model), "--plots", str(plots), "--run-dir", str(tiny_run), "--no-progress"])
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(synthetic_root / "test"),
+            "--json",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--plots",
+            str(plots),
+            "--run-dir",
+            str(tiny_run),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
-    for key in ("n", "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "ece", "confusion_matrix", "threshold", "auc_ci95"):
+    for key in (
+        "n",
+        "auc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+        "brier",
+        "ece",
+        "confusion_matrix",
+        "threshold",
+        "auc_ci95",
+    ):
         assert key in report
     assert report["n"] == 24
     assert report["auc"] > 0.9  # the synthetic opacities are easy
-    for name in ("roc", "precision_recall", "confusion_matrix", "reliability", "threshold_sweep", "training_curves"):
+    for name in (
+        "roc",
+        "precision_recall",
+        "confusion_matrix",
+        "reliability",
+        "threshold_sweep",
+        "training_curves",
+    ):
         assert (plots / f"{name}.png").stat().st_size > 1000
     assert json.loads(capsys.readouterr().out.strip())["n"] == 24
 
 
-def test_evaluate_accepts_kaggle_root(tiny_model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+def test_evaluate_accepts_kaggle_root(
+    tiny_model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "r.json"
-    assert main(["evaluate", "--data", str(synthetic_root), "--json", str(out), "--model", str(tiny_model), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(synthetic_root),
+                "--json",
+                str(out),
+                "--model",
+                str(tiny_model),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["data"].endswith("test")
 
 
-def test_predict_cli_one_json_line_per_image(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_cli_one_json_line_per_image(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, b = tmp_path / "a.jpeg", tmp_path / "b.jpeg"
     a.write_bytes(jpeg_bytes(1, 1))
     b.write_bytes(b"not an image")
@@ -91,11 +161,15 @@ def test_predict_cli_one_json_line_per_image(tiny_model: Path, tmp_path: Path, c
     first = lines[0]
     # probability is that of the returned label; the label follows the shipped threshold.
     assert first["probability"] == first["probabilities"][first["prediction"]]
-    assert (first["probabilities"]["PNEUMONIA"] >= first["threshold"]) == (first["prediction"] == "PNEUMONIA")
+    assert (first["probabilities"]["PNEUMONIA"] >= first["threshold"]) == (
+        first["prediction"] == "PNEUMONIA"
+    )
     assert lines[1]["error"]["code"] == "unsupported_format"
 
 
-def test_predict_cli_refuses_a_damaged_png(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_cli_refuses_a_damaged_png(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Issue 13: a PNG with a bad CRC is an error line naming the check, never a score."""
     good = encode(synthetic_xray(1, 2), "PNG")
     path = tmp_path / "damaged.png"
@@ -107,7 +181,9 @@ def test_predict_cli_refuses_a_damaged_png(tiny_model: Path, tmp_path: Path, cap
     assert "CRC of its IDAT chunk" in line["error"]["message"]
 
 
-def test_export_then_training_data_path_equals_prediction_path(tiny_model: Path, synthetic_root: Path) -> None:
+def test_export_then_training_data_path_equals_prediction_path(
+    tiny_model: Path, synthetic_root: Path
+) -> None:
     """Regression guard for the original system's channel mismatch: the training loader and the
     predictor must produce identical arrays and scores for the same file."""
     from pneumonia.data import list_split, load_images
@@ -118,7 +194,9 @@ def test_export_then_training_data_path_equals_prediction_path(tiny_model: Path,
     train_arr = load_images([sample], pred.spec).x
     serve_arr = pred.preprocess(sample.path.read_bytes())[None]
     np.testing.assert_array_equal(train_arr, serve_arr)
-    assert pred.probabilities(train_arr)[0] == pred.predict_bytes(sample.path.read_bytes()).p_pneumonia
+    assert (
+        pred.probabilities(train_arr)[0] == pred.predict_bytes(sample.path.read_bytes()).p_pneumonia
+    )
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,6 +215,8 @@ def test_calibrate_refits_threshold_without_training(tiny_run: Path, tmp_path: P
     assert main(["calibrate", str(run), "--threshold-rule", "youden"]) == 0
     after = json.loads((run / "calibration.json").read_text())
     assert after["threshold_rule"] == "youden"
-    assert after["temperature"] == pytest.approx(before["temperature"])  # same checkpoints, same split
+    assert after["temperature"] == pytest.approx(
+        before["temperature"]
+    )  # same checkpoints, same split
     assert after["bias"] == pytest.approx(before["bias"])
     assert after["validation"]["n"] == before["validation"]["n"]

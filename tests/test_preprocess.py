@@ -104,8 +104,10 @@ def test_16bit_png_keeps_precision_below_8_bits() -> None:
     db = decode_gray(save(Image.fromarray(b), "PNG"))
     np.testing.assert_allclose(db - da, 100 / 65535, atol=1e-6)
     np.testing.assert_allclose(da, a / 65535, atol=1e-6)
-    assert not np.array_equal(preprocess_bytes(save(Image.fromarray(a), "PNG"), SPEC),
-                              preprocess_bytes(save(Image.fromarray(b), "PNG"), SPEC))
+    assert not np.array_equal(
+        preprocess_bytes(save(Image.fromarray(a), "PNG"), SPEC),
+        preprocess_bytes(save(Image.fromarray(b), "PNG"), SPEC),
+    )
 
 
 def test_rgb_uses_luma() -> None:
@@ -255,22 +257,41 @@ def _png_rows(width: int, height: int, bits: int, interlaced: bool) -> bytes:
     return out
 
 
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
 
 
 @pytest.mark.parametrize("interlaced", [False, True])
-@pytest.mark.parametrize(("depth", "colour", "samples"), [(1, 0, 1), (8, 0, 1), (16, 0, 1), (8, 2, 3), (8, 6, 4)])
+@pytest.mark.parametrize(
+    ("depth", "colour", "samples"), [(1, 0, 1), (8, 0, 1), (16, 0, 1), (8, 2, 3), (8, 6, 4)]
+)
 def test_the_png_image_data_length_check_follows_the_header(
     depth: int, colour: int, samples: int, interlaced: bool
 ) -> None:
     """Exactly the bytes the header asks for decode (interlaced too: per Adam7 pass); one byte
     more or fewer is corrupt."""
     raw = _png_rows(37, 41, depth * samples, interlaced)
-    assert decode_gray(png_raw(37, 41, zlib.compress(raw), depth=depth, colour=colour, interlace=int(interlaced))).shape == (41, 37)
+    assert decode_gray(
+        png_raw(37, 41, zlib.compress(raw), depth=depth, colour=colour, interlace=int(interlaced))
+    ).shape == (41, 37)
     for wrong in (raw[:-1], raw + b"\x00"):
         with pytest.raises(CorruptImageError, match="inflates to"):
             decode_gray(
-                png_raw(37, 41, zlib.compress(wrong), depth=depth, colour=colour, interlace=int(interlaced))
+                png_raw(
+                    37,
+                    41,
+                    zlib.compress(wrong),
+                    depth=depth,
+                    colour=colour,
+                    interlace=int(interlaced),
+                )
             )
 
 
@@ -431,7 +452,10 @@ def test_decoding_a_large_legal_image_stays_within_bounded_memory(
     warm.write_bytes(_png_of_zeros(400, 400, False, rgba=rgba))
     out = subprocess.run(
         [sys.executable, "-c", _PEAK_SCRIPT, str(image), str(warm)],
-        check=True, capture_output=True, text=True, timeout=120,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     added_mb = int(out.stdout.split()[-1]) * 1024 / 1e6  # ru_maxrss is in KiB on Linux
     assert added_mb < 150
@@ -642,7 +666,11 @@ def test_jpeg2000_dicom_is_refused_before_decoding() -> None:
     from pydicom.uid import JPEG2000Lossless
 
     zero_length_box = b"\x00\x00\x00\x0cjP  " + b"\0" * 100
-    data = dicom_bytes(np.zeros((64, 64), np.uint16), transfer_syntax=JPEG2000Lossless, encapsulated=zero_length_box)
+    data = dicom_bytes(
+        np.zeros((64, 64), np.uint16),
+        transfer_syntax=JPEG2000Lossless,
+        encapsulated=zero_length_box,
+    )
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         res = pool.apply_async(_decode_error_code, (data,))

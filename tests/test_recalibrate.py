@@ -44,7 +44,9 @@ def test_refit_finds_the_known_calibration_and_thresholds() -> None:
     assert temperature == pytest.approx(3.0, abs=0.2) and bias == pytest.approx(2.0, abs=0.2)
     assert youden == pytest.approx(0.5, abs=0.05)  # Youden: s = 0, log-odds 0
     # min_sensitivity 0.9: s = 1 - 1.2816, so p = sigmoid(2 (1 - 1.2816)) = 0.3628.
-    r = recalibrate_scores(z, y, g, original=(1.0, 0.0, 0.5), rule="min_sensitivity", min_sensitivity=0.9, n_boot=0)
+    r = recalibrate_scores(
+        z, y, g, original=(1.0, 0.0, 0.5), rule="min_sensitivity", min_sensitivity=0.9, n_boot=0
+    )
     assert r["fitted"]["threshold"] == pytest.approx(float(sigmoid(2 * (1 - 1.2816))), abs=0.03)
     assert r["after"]["sensitivity"] == pytest.approx(0.9, abs=0.02)  # cross-fitted, held out
     # The original calibration is badly off (p = sigmoid(3 (2s - 2))); the refit is not.
@@ -55,11 +57,17 @@ def test_refit_finds_the_known_calibration_and_thresholds() -> None:
 
 def test_ranking_is_unchanged_and_intervals_cover() -> None:
     z, y, g = known_site(600, seed=1)
-    r = recalibrate_scores(z, y, g, original=(1.0, 0.0, 0.5), rule="youden", min_sensitivity=0.9, n_boot=100)
+    r = recalibrate_scores(
+        z, y, g, original=(1.0, 0.0, 0.5), rule="youden", min_sensitivity=0.9, n_boot=100
+    )
     assert r["before"]["ci95"]["auc"] == r["after"]["ci95"]["auc"] == r["auc_ci95"]
     assert r["ranking"] == RANKING_NOTE
     for side in ("before", "after"):
-        for m in ("sensitivity", "specificity", "accuracy"):  # not ECE: its bootstrap is biased upward
+        for m in (
+            "sensitivity",
+            "specificity",
+            "accuracy",
+        ):  # not ECE: its bootstrap is biased upward
             lo, hi = r[side]["ci95"][m]
             assert lo <= r[side][m] <= hi
 
@@ -69,7 +77,10 @@ def test_size_warnings_follow_the_rule() -> None:
         return np.r_[np.ones(n_pos), np.zeros(n_neg)]
 
     too_small = size_warnings(y(30, 30), 30, "min_sensitivity", 0.98, 5)
-    assert any(w.startswith("too small for the rule") and "one missed PNEUMONIA film in 50" in w for w in too_small)
+    assert any(
+        w.startswith("too small for the rule") and "one missed PNEUMONIA film in 50" in w
+        for w in too_small
+    )
     small = size_warnings(y(120, 120), 120, "min_sensitivity", 0.98, 5)
     assert any(w.startswith("small for the rule") and "fewer than 250" in w for w in small)
     assert size_warnings(y(300, 300), 300, "min_sensitivity", 0.98, 5) == []
@@ -85,51 +96,111 @@ def test_folds_keep_patients_together_and_stratify() -> None:
     for g in set(groups):
         assert len({int(fold[i]) for i, h in enumerate(groups) if h == g}) == 1
     for f in range(5):
-        assert 9 <= int(((fold == f) & (y == 1)).sum()) <= 15 and 6 <= int(((fold == f) & (y == 0)).sum()) <= 10
+        assert (
+            9 <= int(((fold == f) & (y == 1)).sum()) <= 15
+            and 6 <= int(((fold == f) & (y == 0)).sum()) <= 10
+        )
 
 
 def test_metadata_rewrite_keeps_every_other_byte(tiny_model: Path) -> None:
     onnx = pytest.importorskip("onnx")
     raw = tiny_model.read_bytes()
     props = read_metadata(raw)
-    assert set(props) == {"model_card"} and json.loads(props["model_card"])["name"] == "pneumonia-tiny-test"
+    assert (
+        set(props) == {"model_card"}
+        and json.loads(props["model_card"])["name"] == "pneumonia-tiny-test"
+    )
     new = with_metadata(raw, {**props, "model_card": '{"x": 1}', "extra": "é"})
     a, b = onnx.load_from_string(raw), onnx.load_from_string(new)
     assert {p.key: p.value for p in b.metadata_props} == {"model_card": '{"x": 1}', "extra": "é"}
     assert a.graph.SerializeToString() == b.graph.SerializeToString()
-    assert (a.ir_version, a.producer_name, list(a.opset_import)) == (b.ir_version, b.producer_name, list(b.opset_import))
+    assert (a.ir_version, a.producer_name, list(a.opset_import)) == (
+        b.ir_version,
+        b.producer_name,
+        list(b.opset_import),
+    )
 
 
 @pytest.fixture(scope="module")
-def site_model(tiny_model: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def site_model(
+    tiny_model: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("site") / "site.onnx"
     report = tmp_path_factory.mktemp("site") / "report.json"
-    args = ["recalibrate", "--model", str(tiny_model), "--data", str(synthetic_root / "test"), "--out", str(out)]
-    assert main([*args, "--threshold-rule", "youden", "--bootstrap", "50", "--report", str(report), "--no-progress"]) == 0
+    args = [
+        "recalibrate",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(synthetic_root / "test"),
+        "--out",
+        str(out),
+    ]
+    assert (
+        main(
+            [
+                *args,
+                "--threshold-rule",
+                "youden",
+                "--bootstrap",
+                "50",
+                "--report",
+                str(report),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out, json.loads(report.read_text())
 
 
-def test_site_model_keeps_weights_and_provenance(site_model: tuple[Path, dict], tiny_model: Path, synthetic_root: Path) -> None:
+def test_site_model_keeps_weights_and_provenance(
+    site_model: tuple[Path, dict], tiny_model: Path, synthetic_root: Path
+) -> None:
     out, report = site_model
     old, new = Predictor(tiny_model, threads=1), Predictor(out, threads=1)
     x = np.random.default_rng(0).random((3, *old.spec.input_shape), dtype=np.float32)
     np.testing.assert_array_equal(old.run(x)[0], new.run(x)[0])  # same weights, same logits
-    for key in ("name", "version", "training", "validation_metrics", "preprocess", "architecture", "versions"):
+    for key in (
+        "name",
+        "version",
+        "training",
+        "validation_metrics",
+        "preprocess",
+        "architecture",
+        "versions",
+    ):
         assert new.card[key] == old.card[key]
     rec = new.card["site_recalibration"]
-    assert (new.threshold, new.temperature, new.bias) == (rec["fitted"]["threshold"], rec["fitted"]["temperature"], rec["fitted"]["bias"])
+    assert (new.threshold, new.temperature, new.bias) == (
+        rec["fitted"]["threshold"],
+        rec["fitted"]["temperature"],
+        rec["fitted"]["bias"],
+    )
     assert rec["original"]["sha256"] == old.sha256 and rec["original"]["threshold"] == old.threshold
-    assert rec["refitted"] == ["temperature", "bias", "threshold"] and "Ranking is unchanged" in rec["unchanged"]
-    files = sorted(p.relative_to(synthetic_root / "test").as_posix() for p in (synthetic_root / "test").rglob("*.jpeg"))
+    assert (
+        rec["refitted"] == ["temperature", "bias", "threshold"]
+        and "Ranking is unchanged" in rec["unchanged"]
+    )
+    files = sorted(
+        p.relative_to(synthetic_root / "test").as_posix()
+        for p in (synthetic_root / "test").rglob("*.jpeg")
+    )
     assert rec["site"]["files_sha256"] == hashlib.sha256("\n".join(files).encode()).hexdigest()
-    assert rec["site"]["counts"] == {"NORMAL": 12, "PNEUMONIA": 12} and rec["site"]["patients"] == 12
+    assert (
+        rec["site"]["counts"] == {"NORMAL": 12, "PNEUMONIA": 12} and rec["site"]["patients"] == 12
+    )
     assert rec["site"]["ids_parsed"] == 24 and rec["date"]
     assert new.card["threshold_rule"]["rule"] == "youden"
     assert any("too small" in w or "small for" in w for w in rec["warnings"])  # 24 films
     sidecar = json.loads(out.with_suffix(".card.json").read_text())
     assert sidecar["sha256"] == new.sha256 and sidecar["site_recalibration"]["site"] == rec["site"]
     md = out.with_suffix(".card.md").read_text()
-    assert "## Site recalibration" in md and "## The original model's card" in md and "### Intended use" in md
+    assert (
+        "## Site recalibration" in md
+        and "## The original model's card" in md
+        and "### Intended use" in md
+    )
     assert report["before"]["ci95"]["auc"] == report["after"]["ci95"]["auc"]
 
 
@@ -153,11 +224,33 @@ def test_site_model_serves(site_model: tuple[Path, dict]) -> None:
     assert card["threshold"] == Predictor(out, threads=1).threshold
 
 
-def test_refuses_to_overwrite_the_input_and_one_class_sites(tiny_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["recalibrate", "--model", str(tiny_model), "--data", str(synthetic_root / "test"), "--out", str(tiny_model)]) == 2
+def test_refuses_to_overwrite_the_input_and_one_class_sites(
+    tiny_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "recalibrate",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(synthetic_root / "test"),
+                "--out",
+                str(tiny_model),
+            ]
+        )
+        == 2
+    )
     assert "input model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="both NORMAL and PNEUMONIA"):
-        recalibrate_scores(np.zeros(4), np.ones(4), list("abcd"), original=(1, 0, 0.5), rule="youden", min_sensitivity=0.9)
+        recalibrate_scores(
+            np.zeros(4),
+            np.ones(4),
+            list("abcd"),
+            original=(1, 0, 0.5),
+            rule="youden",
+            min_sensitivity=0.9,
+        )
 
 
 def test_card_command_shows_the_site_section(site_model: tuple[Path, dict], tmp_path: Path) -> None:

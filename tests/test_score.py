@@ -108,7 +108,11 @@ def test_damaged_files_are_error_rows_naming_the_check(tiny_model: Path, tmp_pat
     (tmp_path / "in" / "cut.jpeg").write_bytes(jpeg_bytes()[:-2])
     rows = by_key(run(tmp_path / "in", tmp_path / "out.csv", tiny_model))
     assert rows["good.png"].error is None and rows["good.png"].prediction is not None
-    for key, check in [("bad-crc.png", "CRC"), ("bad-adler.png", "Adler-32"), ("cut.jpeg", "end-of-image")]:
+    for key, check in [
+        ("bad-crc.png", "CRC"),
+        ("bad-adler.png", "Adler-32"),
+        ("cut.jpeg", "end-of-image"),
+    ]:
         row = rows[key]
         assert row.error_code == "corrupt_image" and row.prediction is None, row
         assert check in (row.error or ""), row

@@ -192,7 +192,14 @@ def test_batch_answers_one_entry_per_file_in_order(client: TestClient, tiny_card
     assert set(body) == {"results", "model", "processing_ms", "request_id"}
     assert [r["filename"] for r in body["results"]] == ["a.jpeg", "b.txt", "c.png", "d.jpeg"]
     a, b, c, d = body["results"]
-    assert set(a) == {"filename", "prediction", "probability", "probabilities", "threshold", "input_check"}
+    assert set(a) == {
+        "filename",
+        "prediction",
+        "probability",
+        "probabilities",
+        "threshold",
+        "input_check",
+    }
     assert a["probability"] == upload(client, jpeg_bytes(1, 1)).json()["probability"]
     assert b["error"]["code"] == "unsupported_format"
     assert c["prediction"] in ("NORMAL", "PNEUMONIA")

@@ -62,9 +62,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "INFERENCE_THREADS": "1",
         "GATE_FILE": str(gate),
     }
-    with running_server(
-        tiny_model, tmp, command=[sys.executable, str(GATED_SERVE)], **env
-    ) as srv:
+    with running_server(tiny_model, tmp, command=[sys.executable, str(GATED_SERVE)], **env) as srv:
         srv.gate = gate  # type: ignore[attr-defined]
         yield srv
 
@@ -104,9 +102,13 @@ def slot_held(server: ServerProcess) -> Iterator[None]:
 
 def multipart(data: bytes, field: str = "file", filename: str = "big.png") -> bytes:
     return (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; '
-        f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-    ).encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
 
 
 Answer = tuple[int, dict[str, str], dict[str, Any]]
@@ -171,9 +173,7 @@ def header(headers: dict[str, str], name: str) -> str | None:
 def assert_healthy(server: ServerProcess) -> None:
     assert server.proc.poll() is None
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-    resp = httpx.post(
-        server.url + "/predict", files={"file": ("x.jpeg", jpeg_bytes())}, timeout=30
-    )
+    resp = httpx.post(server.url + "/predict", files={"file": ("x.jpeg", jpeg_bytes())}, timeout=30)
     assert resp.status_code == 200, resp.text
 
 

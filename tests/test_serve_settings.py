@@ -101,7 +101,9 @@ def test_cli_refuses_a_missing_model_with_one_line(
     assert err.count("\n") == 1 and "absent.onnx" in err and "does not exist" in err
 
 
-def test_heap_threshold_is_fixed_unless_the_operator_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heap_threshold_is_fixed_unless_the_operator_set_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The serve command fixes glibc's mmap threshold (the fix for ~40 MB of heap growth under
     load); an operator's own MALLOC_MMAP_THRESHOLD_ wins."""
     import ctypes

@@ -20,7 +20,10 @@ def _films(n: int = 6, size: int = 48) -> np.ndarray:
 
 def _ratio(x: torch.Tensor) -> float:
     """Mean |dx| / mean |dy|: the aspect shortcut statistic."""
-    return float((x[..., :, 1:] - x[..., :, :-1]).abs().mean() / (x[..., 1:, :] - x[..., :-1, :]).abs().mean())
+    return float(
+        (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        / (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    )
 
 
 def test_every_perturbation_keeps_shape_and_range_and_is_deterministic_for_a_seed() -> None:
@@ -43,8 +46,16 @@ def test_wider_raises_and_narrower_lowers_the_shape_statistic() -> None:
     img = (torch.sin(t)[None, :] + torch.sin(t)[:, None]) / 4 + 0.5
     x = img[None, None].numpy().astype(np.float32)
     base = _ratio(torch.from_numpy(x))
-    assert _ratio(torch.cat(perturbed_batches(x, "wider_20", 0))) > _ratio(torch.cat(perturbed_batches(x, "wider_10", 0))) > base
-    assert _ratio(torch.cat(perturbed_batches(x, "narrower_20", 0))) < _ratio(torch.cat(perturbed_batches(x, "narrower_10", 0))) < base
+    assert (
+        _ratio(torch.cat(perturbed_batches(x, "wider_20", 0)))
+        > _ratio(torch.cat(perturbed_batches(x, "wider_10", 0)))
+        > base
+    )
+    assert (
+        _ratio(torch.cat(perturbed_batches(x, "narrower_20", 0)))
+        < _ratio(torch.cat(perturbed_batches(x, "narrower_10", 0)))
+        < base
+    )
 
 
 def test_report_has_every_perturbation_and_the_worst_case() -> None:

@@ -56,7 +56,9 @@ def reference(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return run
 
 
-def run_stopped(stop_at: str, data: Path, config: Path, run: Path) -> subprocess.CompletedProcess[str]:
+def run_stopped(
+    stop_at: str, data: Path, config: Path, run: Path
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(INTERRUPTED_TRAIN), "train", "--data", str(data), "--out", str(run)]
     cmd += ["--config", str(config), "--no-progress"]
     return subprocess.run(
@@ -79,7 +81,9 @@ def assert_readable(run: Path) -> None:
 
 
 def history_without_times(path: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in json.loads(path.read_text())]
+    return [
+        {k: v for k, v in row.items() if k != "seconds"} for row in json.loads(path.read_text())
+    ]
 
 
 def assert_close(a: Any, b: Any, where: str) -> None:
@@ -106,7 +110,11 @@ def assert_same_result(run: Path, reference: Path) -> None:
         assert got["state_dict"].keys() == want["state_dict"].keys()
         for k, v in want["state_dict"].items():
             torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
-        assert_close(history_without_times(member / "history.json"), history_without_times(ref / "history.json"), "history")
+        assert_close(
+            history_without_times(member / "history.json"),
+            history_without_times(ref / "history.json"),
+            "history",
+        )
     got_cal = json.loads((run / "calibration.json").read_text())
     want_cal = json.loads((reference / "calibration.json").read_text())
     assert_close(got_cal, want_cal, "calibration")
@@ -153,7 +161,9 @@ def test_stopped_run_resumes_to_the_same_result(
         assert resumed.returncode == 0, resumed.stderr
         assert json.loads(resumed.stdout.splitlines()[-1])["run_dir"] == str(run)
     else:
-        train(TrainConfig.load(run / "config.json"), synthetic_root, run, progress=False, resume=True)
+        train(
+            TrainConfig.load(run / "config.json"), synthetic_root, run, progress=False, resume=True
+        )
 
     assert_same_result(run, reference)
     assert list(run.rglob("*.tmp")) == [], "a half-written temporary file was left"
@@ -172,7 +182,9 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path: Path, config_file: P
     assert main(["train", "--data", str(tmp_path)]) == 2  # no --out, no --resume
 
 
-def test_a_finished_run_resumes_to_itself(synthetic_root: Path, reference: Path, tmp_path: Path) -> None:
+def test_a_finished_run_resumes_to_itself(
+    synthetic_root: Path, reference: Path, tmp_path: Path
+) -> None:
     """Resuming a run that had finished trains nothing more and rewrites the same result."""
     import shutil
 

@@ -134,7 +134,9 @@ def _manifest_items(path: Path) -> list[AuditItem]:
         else:
             name = row.get("class", "").upper()
             if name not in LABELS:
-                raise DatasetLayoutError(f"manifest {path}: class {row.get('class')!r} is not one of {list(LABELS)}")
+                raise DatasetLayoutError(
+                    f"manifest {path}: class {row.get('class')!r} is not one of {list(LABELS)}"
+                )
             label = LABELS.index(name)
         rel = Path(row[pcol])
         full = rel if rel.is_absolute() else path.parent / rel
@@ -169,7 +171,9 @@ def audit_items(data: Path) -> list[AuditItem]:
     folders = [(s, data / s) for s in splits] if splits else [(data.name or "all", data)]
     items = []
     for split, folder in folders:
-        items += [AuditItem(split, s, s.path.relative_to(data).as_posix()) for s in list_split(folder)]
+        items += [
+            AuditItem(split, s, s.path.relative_to(data).as_posix()) for s in list_split(folder)
+        ]
     return items
 
 
@@ -193,7 +197,9 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 def phash(img: Image.Image) -> int:
     """64-bit perceptual hash, as ``imagehash.phash`` (hash_size 8, highfreq_factor 4)."""
-    small = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    small = np.asarray(
+        img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64
+    )
     low = (_DCT32 @ small @ _DCT32.T)[:8, :8]
     return _bits_to_int(low > np.median(low))
 
@@ -211,7 +217,9 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def near_pair_arrays(hashes: Sequence[int | None], max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pair_arrays(
+    hashes: Sequence[int | None], max_distance: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, distance) arrays, i < j, sorted, of every pair of hashes within ``max_distance`` bits.
 
     Banded search: the 64 bits in 8 bands of 8; two hashes within 7 bits agree on a whole
@@ -258,10 +266,26 @@ def near_pairs(hashes: Sequence[int | None], max_distance: int) -> list[tuple[in
 # ----------------------------------------------------------------------------- one image
 
 
-_BIT_DEPTH = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+_BIT_DEPTH = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "I;16": 16,
+    "I;16B": 16,
+    "I;16L": 16,
+    "I": 32,
+    "F": 32,
+}
 
 
-def _image_stats(gray: np.ndarray, width: int, height: int, n_bytes: int | None) -> dict[str, float | None]:
+def _image_stats(
+    gray: np.ndarray, width: int, height: int, n_bytes: int | None
+) -> dict[str, float | None]:
     g = gray.astype(np.float64)
     dx = float(np.abs(np.diff(g, axis=1)).mean()) if g.shape[1] > 1 else 0.0
     dy = float(np.abs(np.diff(g, axis=0)).mean()) if g.shape[0] > 1 else 0.0
@@ -304,7 +328,11 @@ def analyse(item: AuditItem, reader: NpzReader) -> ImageFacts:
                 facts.fmt, facts.mode = "DICOM", "gray"
                 full = decode_gray(data)
                 height, width = full.shape
-                gray = decode_gray(data, draft_size=STAT_SIZE) if max(full.shape) > 4 * STAT_SIZE else full
+                gray = (
+                    decode_gray(data, draft_size=STAT_SIZE)
+                    if max(full.shape) > 4 * STAT_SIZE
+                    else full
+                )
             else:
                 with Image.open(BytesIO(data)) as header:
                     facts.fmt, facts.mode = header.format, header.mode
@@ -345,7 +373,9 @@ def _progress(total: int, enabled: bool, desc: str) -> Callable[[], None]:
         return tick
 
 
-def measure(items: Sequence[AuditItem], *, workers: int = 2, progress: bool = False) -> list[ImageFacts]:
+def measure(
+    items: Sequence[AuditItem], *, workers: int = 2, progress: bool = False
+) -> list[ImageFacts]:
     """:func:`analyse` every item (threads: decoding and hashing release the GIL), in order."""
     reader = NpzReader()
     tick = _progress(len(items), progress, "auditing")
@@ -365,7 +395,10 @@ def _summary(values: Iterable[float | None]) -> dict[str, float] | None:
     if not len(v):
         return None
     q = np.quantile(v, [0.0, 0.05, 0.5, 0.95, 1.0])
-    return {k: round(float(x), 4) for k, x in zip(("min", "p05", "median", "p95", "max"), q, strict=True)}
+    return {
+        k: round(float(x), 4)
+        for k, x in zip(("min", "p05", "median", "p95", "max"), q, strict=True)
+    }
 
 
 def _splits(facts: Sequence[ImageFacts]) -> list[str]:
@@ -376,7 +409,9 @@ def counts_section(facts: Sequence[ImageFacts]) -> dict[str, Any]:
     per: dict[str, dict[str, int]] = {}
     for split in _splits(facts):
         fs = [f for f in facts if f.item.split == split]
-        per[split] = {name: sum(f.item.sample.label == i for f in fs) for i, name in enumerate(LABELS)}
+        per[split] = {
+            name: sum(f.item.sample.label == i for f in fs) for i, name in enumerate(LABELS)
+        }
         per[split]["total"] = len(fs)
         per[split]["unreadable"] = sum(f.error is not None for f in fs)
     return {
@@ -392,10 +427,17 @@ def images_section(facts: Sequence[ImageFacts]) -> dict[str, Any]:
     for split in _splits(facts):
         out[split] = {}
         for i, name in enumerate(LABELS):
-            fs = [f for f in facts if f.item.split == split and f.item.sample.label == i and not f.error]
+            fs = [
+                f
+                for f in facts
+                if f.item.split == split and f.item.sample.label == i and not f.error
+            ]
             out[split][name] = {
                 "n": len(fs),
-                **{k: _summary(f.stats.get(k) for f in fs) for k in ("width", "height", "aspect", "file_bytes")},
+                **{
+                    k: _summary(f.stats.get(k) for f in fs)
+                    for k in ("width", "height", "aspect", "file_bytes")
+                },
                 "mode": dict(Counter(str(f.mode) for f in fs)),
                 "format": dict(Counter(str(f.fmt) for f in fs)),
                 "bit_depth": {str(k): v for k, v in Counter(f.bit_depth for f in fs).items()},
@@ -421,7 +463,9 @@ def shortcuts_section(facts: Sequence[ImageFacts]) -> list[dict[str, Any]]:
                     "split": split,
                     "auc": None if folded is None else round(folded, 4),
                     "warning": folded is not None and folded > SHORTCUT_WARN_AUC,
-                    "direction": None if folded is None or auc == 0.5 else ("higher" if auc > 0.5 else "lower") + " in PNEUMONIA",
+                    "direction": None
+                    if folded is None or auc == 0.5
+                    else ("higher" if auc > 0.5 else "lower") + " in PNEUMONIA",
                     "median": {
                         name: (float(np.median(v[y == i])) if (y == i).any() else None)
                         for i, name in enumerate(LABELS)
@@ -447,7 +491,9 @@ class Duplicates:
         return pairs | {(i, j) for ix in self.exact for a, i in enumerate(ix) for j in ix[a + 1 :]}
 
 
-def find_duplicates(facts: Sequence[ImageFacts], max_distance: int, min_correlation: float) -> Duplicates:
+def find_duplicates(
+    facts: Sequence[ImageFacts], max_distance: int, min_correlation: float
+) -> Duplicates:
     """Exact duplicates by sha256; near ones: pHash candidates verified on thumbnails."""
     by_sha: dict[str, list[int]] = defaultdict(list)
     for i, f in enumerate(facts):
@@ -459,8 +505,12 @@ def find_duplicates(facts: Sequence[ImageFacts], max_distance: int, min_correlat
     # chest films are so alike that dHash alone proposes a pair in every few hundred.
     n = len(facts)
     ok = [not f.error and f.thumb is not None and f.phash is not None for f in facts]
-    pi, pj, _ = near_pair_arrays([f.phash if k else None for f, k in zip(facts, ok, strict=True)], max_distance)
-    di, dj, _ = near_pair_arrays([f.dhash if k else None for f, k in zip(facts, ok, strict=True)], max_distance)
+    pi, pj, _ = near_pair_arrays(
+        [f.phash if k else None for f, k in zip(facts, ok, strict=True)], max_distance
+    )
+    di, dj, _ = near_pair_arrays(
+        [f.dhash if k else None for f, k in zip(facts, ok, strict=True)], max_distance
+    )
     keys = np.unique(np.r_[pi * n + pj, di * n + dj])
     ci, cj = keys // n, keys % n
     thumbs = np.zeros((n, 1024), dtype=np.float32)
@@ -470,7 +520,16 @@ def find_duplicates(facts: Sequence[ImageFacts], max_distance: int, min_correlat
             t -= t.mean()
             norm = float(np.linalg.norm(t))
             thumbs[k] = t / norm if norm > 0 else 0.0
-    corr = np.concatenate([np.einsum("ij,ij->i", thumbs[ci[s : s + 65536]], thumbs[cj[s : s + 65536]]) for s in range(0, len(ci), 65536)]) if len(ci) else np.zeros(0)
+    corr = (
+        np.concatenate(
+            [
+                np.einsum("ij,ij->i", thumbs[ci[s : s + 65536]], thumbs[cj[s : s + 65536]])
+                for s in range(0, len(ci), 65536)
+            ]
+        )
+        if len(ci)
+        else np.zeros(0)
+    )
     near = []
     keep = np.flatnonzero(corr >= min_correlation)
     for i, j, r in zip(ci[keep].tolist(), cj[keep].tolist(), corr[keep].tolist(), strict=True):
@@ -481,7 +540,9 @@ def find_duplicates(facts: Sequence[ImageFacts], max_distance: int, min_correlat
     return Duplicates(exact, near, candidates)
 
 
-def duplicates_section(facts: Sequence[ImageFacts], dups: Duplicates, max_distance: int, min_correlation: float) -> dict[str, Any]:
+def duplicates_section(
+    facts: Sequence[ImageFacts], dups: Duplicates, max_distance: int, min_correlation: float
+) -> dict[str, Any]:
     groups = dups.exact
 
     def where(ix: Sequence[int]) -> str:
@@ -496,7 +557,9 @@ def duplicates_section(facts: Sequence[ImageFacts], dups: Duplicates, max_distan
             "splits": [a.item.split, b.item.split],
             "labels": [LABELS[a.item.sample.label], LABELS[b.item.sample.label]],
             "phash_distance": d,
-            "dhash_distance": None if a.dhash is None or b.dhash is None else bin(a.dhash ^ b.dhash).count("1"),
+            "dhash_distance": None
+            if a.dhash is None or b.dhash is None
+            else bin(a.dhash ^ b.dhash).count("1"),
             "correlation": r,
         }
 
@@ -512,10 +575,16 @@ def duplicates_section(facts: Sequence[ImageFacts], dups: Duplicates, max_distan
             "groups": len(groups),
             "images_in_groups": sum(len(ix) for ix in groups),
             "by_split": tally(where(ix) for ix in groups),
-            "label_conflicts": sum(len({facts[i].item.sample.label for i in ix}) > 1 for ix in groups),
+            "label_conflicts": sum(
+                len({facts[i].item.sample.label for i in ix}) > 1 for ix in groups
+            ),
             "list": [
-                {"sha256": facts[ix[0]].sha256, "files": [facts[i].item.key for i in ix], "where": where(ix),
-                 "labels": sorted({LABELS[facts[i].item.sample.label] for i in ix})}
+                {
+                    "sha256": facts[ix[0]].sha256,
+                    "files": [facts[i].item.key for i in ix],
+                    "where": where(ix),
+                    "labels": sorted({LABELS[facts[i].item.sample.label] for i in ix}),
+                }
                 for ix in groups
             ],
         },
@@ -525,7 +594,9 @@ def duplicates_section(facts: Sequence[ImageFacts], dups: Duplicates, max_distan
             "candidates_checked": dups.candidates,
             "pairs": len(near),
             "by_split": tally(where((i, j)) for i, j, _, _ in near),
-            "label_conflicts": sum(facts[i].item.sample.label != facts[j].item.sample.label for i, j, _, _ in near),
+            "label_conflicts": sum(
+                facts[i].item.sample.label != facts[j].item.sample.label for i, j, _, _ in near
+            ),
             "list": [pair(*x) for x in near],
         },
     }
@@ -549,7 +620,13 @@ def patients_section(
     splits = _splits(facts)
     per_split = {
         split: {
-            name: len({ids[k] for k, f in enumerate(facts) if f.item.split == split and f.item.sample.label == i})
+            name: len(
+                {
+                    ids[k]
+                    for k, f in enumerate(facts)
+                    if f.item.split == split and f.item.sample.label == i
+                }
+            )
             for i, name in enumerate(LABELS)
         }
         | {"total": len({ids[k] for k, f in enumerate(facts) if f.item.split == split})}
@@ -605,7 +682,11 @@ def patients_section(
 
 
 def trainer_split_section(
-    facts: Sequence[ImageFacts], data: Path, val_fraction: float, split_seed: int, linked: set[tuple[int, int]]
+    facts: Sequence[ImageFacts],
+    data: Path,
+    val_fraction: float,
+    split_seed: int,
+    linked: set[tuple[int, int]],
 ) -> dict[str, Any] | None:
     """The validation split ``pneumonia train`` would draw from this data, and what it shares."""
     try:
@@ -613,7 +694,9 @@ def trainer_split_section(
     except (DatasetLayoutError, ValueError) as exc:
         return {"error": str(exc)}
     index = {f.item.sample: k for k, f in enumerate(facts)}
-    side = {index[s]: "train" for s in plan.train if s in index} | {index[s]: "val" for s in plan.val if s in index}
+    side = {index[s]: "train" for s in plan.train if s in index} | {
+        index[s]: "val" for s in plan.val if s in index
+    }
     crossing = [(i, j) for i, j in linked if i in side and j in side and side[i] != side[j]]
     shared = {s.patient for s in plan.train} & {s.patient for s in plan.val}
     return {
@@ -669,7 +752,11 @@ def audit(
 
 
 def shortcut_table(
-    samples_or_root: Path | str | Sequence[Sample], *, split: str = "train", workers: int = 2, progress: bool = False
+    samples_or_root: Path | str | Sequence[Sample],
+    *,
+    split: str = "train",
+    workers: int = 2,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """The ``shortcuts`` rows of some labelled samples, or of every split of a data root.
 
@@ -698,19 +785,27 @@ def warnings(report: dict[str, Any]) -> list[str]:
         out.append(f"{len(unreadable)} unreadable file(s); training skips them")
     for c in report["patients"]["across_splits"]:
         if c["true_overlap"]:
-            out.append(f"{len(c['true_overlap'])} patient(s) with the same images in {c['splits'][0]} and {c['splits'][1]}")
+            out.append(
+                f"{len(c['true_overlap'])} patient(s) with the same images in {c['splits'][0]} and {c['splits'][1]}"
+            )
     ts = report["patients"]["trainer_split"]
     if ts and ts.get("shared_patients"):
-        out.append(f"the trainer's split shares {ts['shared_patients']} patient(s) between train and validation")
+        out.append(
+            f"the trainer's split shares {ts['shared_patients']} patient(s) between train and validation"
+        )
     if ts and ts.get("duplicate_pairs_across"):
-        out.append(f"{ts['duplicate_pairs_across']} duplicate pair(s) straddle the trainer's train/validation split")
+        out.append(
+            f"{ts['duplicate_pairs_across']} duplicate pair(s) straddle the trainer's train/validation split"
+        )
     d = report["duplicates"]
     for kind in ("exact", "near"):
         across = {k: v for k, v in d[kind]["by_split"].items() if k.startswith("across:")}
         if across:
             out.append(f"{kind} duplicates across splits: {across}")
         if d[kind]["label_conflicts"]:
-            out.append(f"{d[kind]['label_conflicts']} {kind} duplicate group(s)/pair(s) carry different labels")
+            out.append(
+                f"{d[kind]['label_conflicts']} {kind} duplicate group(s)/pair(s) carry different labels"
+            )
     return out
 
 
@@ -736,7 +831,10 @@ def histograms(facts: Sequence[ImageFacts], bins: int = 24) -> dict[str, Any]:
             edges = np.linspace(lo, hi, bins + 1)
             out[split][stat] = {
                 "edges": [round(float(e), 5) for e in edges],
-                **{name: np.histogram(np.clip(v[y == i], lo, hi), edges)[0].tolist() for i, name in enumerate(LABELS)},
+                **{
+                    name: np.histogram(np.clip(v[y == i], lo, hi), edges)[0].tolist()
+                    for i, name in enumerate(LABELS)
+                },
             }
     return out
 
@@ -754,7 +852,9 @@ def svg_histogram(h: dict[str, Any], width: int = 260, height: int = 90) -> str:
         shares[name] = c / c.sum() if c.sum() else c
     top = max(float(s.max()) for s in shares.values()) or 1.0
     bw = (width - 10) / n
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 16}" role="img">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 16}" role="img">'
+    ]
     for name in LABELS:
         for k, s in enumerate(shares[name]):
             bh = (height - 4) * s / top
@@ -764,7 +864,9 @@ def svg_histogram(h: dict[str, Any], width: int = 260, height: int = 90) -> str:
             )
     parts.append(f'<line x1="5" y1="{height}" x2="{width - 5}" y2="{height}" stroke="#444"/>')
     parts.append(f'<text x="5" y="{height + 13}" font-size="10">{_num(edges[0])}</text>')
-    parts.append(f'<text x="{width - 5}" y="{height + 13}" font-size="10" text-anchor="end">{_num(edges[-1])}</text>')
+    parts.append(
+        f'<text x="{width - 5}" y="{height + 13}" font-size="10" text-anchor="end">{_num(edges[-1])}</text>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -780,7 +882,12 @@ def _num(x: Any) -> str:
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     e = html.escape
     head = "".join(f"<th>{e(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else e(_num(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{c if isinstance(c, _Raw) else e(_num(c))}</td>" for c in r)
+        + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -793,72 +900,212 @@ def render_html(report: dict[str, Any], max_list: int = 50) -> str:
     e = html.escape
     s = []
     s.append(f"<h1>Data audit: {e(report['data'])}</h1>")
-    s.append(f"<p>{report['seconds']} s. Legend: <span style='color:{_COLOURS['NORMAL']}'>&#9632; NORMAL</span> "
-             f"<span style='color:{_COLOURS['PNEUMONIA']}'>&#9632; PNEUMONIA</span></p>")
+    s.append(
+        f"<p>{report['seconds']} s. Legend: <span style='color:{_COLOURS['NORMAL']}'>&#9632; NORMAL</span> "
+        f"<span style='color:{_COLOURS['PNEUMONIA']}'>&#9632; PNEUMONIA</span></p>"
+    )
     s.append("<h2>Warnings</h2>")
-    s.append("<ul>" + "".join(f"<li class='warn'>{e(w)}</li>" for w in report["warnings"]) + "</ul>" if report["warnings"] else "<p>None.</p>")
+    s.append(
+        "<ul>" + "".join(f"<li class='warn'>{e(w)}</li>" for w in report["warnings"]) + "</ul>"
+        if report["warnings"]
+        else "<p>None.</p>"
+    )
 
     c = report["counts"]
     s.append("<h2>Counts</h2>")
-    s.append(_table(["split", *LABELS, "total", "unreadable"], [[k, *(v[n] for n in LABELS), v["total"], v["unreadable"]] for k, v in c["images"].items()]))
+    s.append(
+        _table(
+            ["split", *LABELS, "total", "unreadable"],
+            [
+                [k, *(v[n] for n in LABELS), v["total"], v["unreadable"]]
+                for k, v in c["images"].items()
+            ],
+        )
+    )
     if c["unreadable"]:
-        s.append(_table(["split", "file", "reason"], [[u["split"], u["path"], u["reason"]] for u in c["unreadable"][:max_list]]))
+        s.append(
+            _table(
+                ["split", "file", "reason"],
+                [[u["split"], u["path"], u["reason"]] for u in c["unreadable"][:max_list]],
+            )
+        )
 
-    s.append("<h2>Shortcuts</h2><p>How well each statistic alone predicts the label (ROC-AUC folded to &ge; 0.5; "
-             f"warning above {SHORTCUT_WARN_AUC}). Histograms show each class's share per bin.</p>")
+    s.append(
+        "<h2>Shortcuts</h2><p>How well each statistic alone predicts the label (ROC-AUC folded to &ge; 0.5; "
+        f"warning above {SHORTCUT_WARN_AUC}). Histograms show each class's share per bin.</p>"
+    )
     hist = report["histograms"]
     rows = []
     for r in report["shortcuts"]:
         h = hist.get(r["split"], {}).get(r["statistic"])
         med = r["median"]
-        rows.append([
-            r["split"], r["statistic"], r["auc"], _Raw("<b class='warn'>yes</b>" if r["warning"] else "no"),
-            r["direction"], med["NORMAL"], med["PNEUMONIA"], _Raw(svg_histogram(h) if h else ""),
-        ])
-    s.append(_table(["split", "statistic", "AUC", "warning", "direction", "median NORMAL", "median PNEUMONIA", "distribution"], rows))
-    s.append("<details><summary>What each statistic measures</summary><ul>"
-             + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in report["statistics"].items()) + "</ul></details>")
+        rows.append(
+            [
+                r["split"],
+                r["statistic"],
+                r["auc"],
+                _Raw("<b class='warn'>yes</b>" if r["warning"] else "no"),
+                r["direction"],
+                med["NORMAL"],
+                med["PNEUMONIA"],
+                _Raw(svg_histogram(h) if h else ""),
+            ]
+        )
+    s.append(
+        _table(
+            [
+                "split",
+                "statistic",
+                "AUC",
+                "warning",
+                "direction",
+                "median NORMAL",
+                "median PNEUMONIA",
+                "distribution",
+            ],
+            rows,
+        )
+    )
+    s.append(
+        "<details><summary>What each statistic measures</summary><ul>"
+        + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in report["statistics"].items())
+        + "</ul></details>"
+    )
 
     p = report["patients"]
     s.append("<h2>Patients</h2>")
     s.append(f"<p>Id rules: {e(', '.join(f'{k}: {v}' for k, v in p['rules'].items()))}.</p>")
-    s.append(_table(["split", *LABELS, "total"], [[k, *(v[n] for n in LABELS), v["total"]] for k, v in p["per_split"].items()]))
+    s.append(
+        _table(
+            ["split", *LABELS, "total"],
+            [[k, *(v[n] for n in LABELS), v["total"]] for k, v in p["per_split"].items()],
+        )
+    )
     s.append(f"<p>{e(p['overlap_rule'])}</p>")
-    s.append(_table(["splits", "shared ids", "true overlap", "id collisions"],
-                    [[" / ".join(x["splits"]), x["shared_ids"], len(x["true_overlap"]), len(x["id_collisions"])] for x in p["across_splits"]]))
+    s.append(
+        _table(
+            ["splits", "shared ids", "true overlap", "id collisions"],
+            [
+                [
+                    " / ".join(x["splits"]),
+                    x["shared_ids"],
+                    len(x["true_overlap"]),
+                    len(x["id_collisions"]),
+                ]
+                for x in p["across_splits"]
+            ],
+        )
+    )
     for x in p["across_splits"]:
         if x["true_overlap"]:
-            s.append(_table(["patient", "matching images"], [[o["patient"], "; ".join(" = ".join(m) for m in o["matching_images"])] for o in x["true_overlap"][:max_list]]))
+            s.append(
+                _table(
+                    ["patient", "matching images"],
+                    [
+                        [o["patient"], "; ".join(" = ".join(m) for m in o["matching_images"])]
+                        for o in x["true_overlap"][:max_list]
+                    ],
+                )
+            )
     ts = p["trainer_split"]
     if ts:
         s.append("<h3>The trainer's validation split</h3>")
-        s.append(_table(["key", "value"], [[k, v] for k, v in ts.items() if k != "duplicates_across"]))
+        s.append(
+            _table(["key", "value"], [[k, v] for k, v in ts.items() if k != "duplicates_across"])
+        )
 
     d = report["duplicates"]
     s.append(f"<h2>Duplicates</h2><p>{e(d['rule'])}</p>")
-    s.append(_table(["kind", "groups / pairs", "where", "label conflicts"], [
-        ["exact", d["exact"]["groups"], ", ".join(f"{k}: {v}" for k, v in d["exact"]["by_split"].items()), d["exact"]["label_conflicts"]],
-        ["near", d["near"]["pairs"], ", ".join(f"{k}: {v}" for k, v in d["near"]["by_split"].items()), d["near"]["label_conflicts"]],
-    ]))
+    s.append(
+        _table(
+            ["kind", "groups / pairs", "where", "label conflicts"],
+            [
+                [
+                    "exact",
+                    d["exact"]["groups"],
+                    ", ".join(f"{k}: {v}" for k, v in d["exact"]["by_split"].items()),
+                    d["exact"]["label_conflicts"],
+                ],
+                [
+                    "near",
+                    d["near"]["pairs"],
+                    ", ".join(f"{k}: {v}" for k, v in d["near"]["by_split"].items()),
+                    d["near"]["label_conflicts"],
+                ],
+            ],
+        )
+    )
     if d["exact"]["list"]:
-        s.append(_table(["exact group", "where", "labels"], [["; ".join(g["files"]), g["where"], ", ".join(g["labels"])] for g in d["exact"]["list"][:max_list]]))
+        s.append(
+            _table(
+                ["exact group", "where", "labels"],
+                [
+                    ["; ".join(g["files"]), g["where"], ", ".join(g["labels"])]
+                    for g in d["exact"]["list"][:max_list]
+                ],
+            )
+        )
     if d["near"]["list"]:
-        s.append(_table(["a", "b", "labels", "pHash", "dHash", "correlation"], [[x["a"], x["b"], " / ".join(x["labels"]), x["phash_distance"], x["dhash_distance"], x["correlation"]] for x in d["near"]["list"][:max_list]]))
+        s.append(
+            _table(
+                ["a", "b", "labels", "pHash", "dHash", "correlation"],
+                [
+                    [
+                        x["a"],
+                        x["b"],
+                        " / ".join(x["labels"]),
+                        x["phash_distance"],
+                        x["dhash_distance"],
+                        x["correlation"],
+                    ]
+                    for x in d["near"]["list"][:max_list]
+                ],
+            )
+        )
     s.append(f"<p>Lists show at most {max_list} rows; the JSON report has all.</p>")
 
     s.append("<h2>Images</h2>")
     rows = []
     for split, per in report["images"].items():
         for name, v in per.items():
-            rows.append([split, name, v["n"], *(_fmt_summary(v[k]) for k in ("width", "height", "aspect", "file_bytes")),
-                         _counter(v["format"]), _counter(v["mode"]), _counter(v["bit_depth"])])
-    s.append(_table(["split", "class", "n", "width", "height", "aspect", "file bytes", "format", "mode", "bit depth"], rows))
+            rows.append(
+                [
+                    split,
+                    name,
+                    v["n"],
+                    *(_fmt_summary(v[k]) for k in ("width", "height", "aspect", "file_bytes")),
+                    _counter(v["format"]),
+                    _counter(v["mode"]),
+                    _counter(v["bit_depth"]),
+                ]
+            )
+    s.append(
+        _table(
+            [
+                "split",
+                "class",
+                "n",
+                "width",
+                "height",
+                "aspect",
+                "file bytes",
+                "format",
+                "mode",
+                "bit depth",
+            ],
+            rows,
+        )
+    )
     s.append("<p>Ranges: min / median / max.</p>")
-    css = ("body{font:14px sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
-           "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:middle}"
-           "th{background:#f3f3f3}.warn{color:#b00}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Data audit</title><style>{css}</style>"
-            f"</head><body>{''.join(s)}</body></html>\n")
+    css = (
+        "body{font:14px sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:middle}"
+        "th{background:#f3f3f3}.warn{color:#b00}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Data audit</title><style>{css}</style>"
+        f"</head><body>{''.join(s)}</body></html>\n"
+    )
 
 
 def _fmt_summary(x: dict[str, float] | None) -> str:
@@ -867,4 +1114,3 @@ def _fmt_summary(x: dict[str, float] | None) -> str:
 
 def _counter(c: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in c.items())
-

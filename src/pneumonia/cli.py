@@ -52,7 +52,12 @@ def missing_extra_message(command: str, exc: ModuleNotFoundError) -> str | None:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="exported .onnx model (default: $MODEL_PATH, else the shipped model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="exported .onnx model (default: $MODEL_PATH, else the shipped model)",
+    )
 
 
 def _load_predictor(path: Path | None) -> Predictor:
@@ -62,14 +67,32 @@ def _load_predictor(path: Path | None) -> Predictor:
 
 
 #: ``pneumonia train`` flags that change the configuration, so a resumed run cannot take them.
-_TRAIN_CONFIG_FLAGS = ("out", "config", "epochs", "seeds", "arch", "lr", "schedule", "device", "size", "patience", "batch_size", "max_images", "no_augment")
+_TRAIN_CONFIG_FLAGS = (
+    "out",
+    "config",
+    "epochs",
+    "seeds",
+    "arch",
+    "lr",
+    "schedule",
+    "device",
+    "size",
+    "patience",
+    "batch_size",
+    "max_images",
+    "no_augment",
+)
 
 
 def _resume_args(a: argparse.Namespace) -> tuple[TrainConfig, Path, Path] | str:
     """(config, data, run folder) of ``--resume RUN_DIR``, or the error to print."""
     from pneumonia.training.config import TrainConfig
 
-    given = [f"--{k.replace('_', '-')}" for k in _TRAIN_CONFIG_FLAGS if getattr(a, k) not in (None, False)]
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in _TRAIN_CONFIG_FLAGS
+        if getattr(a, k) not in (None, False)
+    ]
     if given:
         return f"--resume goes on as RUN_DIR/config.json says; drop {', '.join(given)}"
     run = a.resume
@@ -97,7 +120,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg, data, out = resolved
         return _run_training(cfg, data, out, not a.no_progress, resume=True)
     if a.data is None or a.out is None:
-        print("pneumonia train: error: --data and --out are required (or --resume RUN_DIR)", file=sys.stderr)
+        print(
+            "pneumonia train: error: --data and --out are required (or --resume RUN_DIR)",
+            file=sys.stderr,
+        )
         return 2
     cfg = TrainConfig.load(a.config) if a.config else TrainConfig()
     cfg = cfg.with_overrides(
@@ -112,7 +138,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         device=a.device,
     )
     if a.arch:
-        cfg = replace(cfg, model=replace(cfg.model, arch=a.arch))  # __post_init__ re-derives the spec's normalization
+        cfg = replace(
+            cfg, model=replace(cfg.model, arch=a.arch)
+        )  # __post_init__ re-derives the spec's normalization
     if a.size:
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=a.size))
     if a.no_augment:
@@ -155,8 +183,20 @@ def _run_training(cfg: TrainConfig, data: Path, out: Path, progress: bool, resum
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from pneumonia.training.train import calibrate_run
 
-    record = calibrate_run(a.run_dir, a.data, threshold_rule=a.threshold_rule, min_sensitivity=a.min_sensitivity)
-    print(json.dumps({"run_dir": str(a.run_dir), **record["validation"], "threshold": record["threshold"], "temperature": record["temperature"], "bias": record["bias"]}))
+    record = calibrate_run(
+        a.run_dir, a.data, threshold_rule=a.threshold_rule, min_sensitivity=a.min_sensitivity
+    )
+    print(
+        json.dumps(
+            {
+                "run_dir": str(a.run_dir),
+                **record["validation"],
+                "threshold": record["threshold"],
+                "temperature": record["temperature"],
+                "bias": record["bias"],
+            }
+        )
+    )
     return 0
 
 
@@ -164,7 +204,16 @@ def cmd_export(a: argparse.Namespace) -> int:
     from pneumonia.training.export import export_run
 
     card = export_run(a.run_dir, a.out, name=a.name)
-    print(json.dumps({"model": str(a.out), "sha256": card["sha256"], "bytes": card["bytes"], "threshold": card["threshold"]}))
+    print(
+        json.dumps(
+            {
+                "model": str(a.out),
+                "sha256": card["sha256"],
+                "bytes": card["bytes"],
+                "threshold": card["threshold"],
+            }
+        )
+    )
     return 0
 
 
@@ -187,7 +236,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         extra={
             "data": str(folder),
             "skipped": [[str(p), why] for p, why in loaded.skipped],
-            "model": {"name": predictor.name, "version": predictor.version, "sha256": predictor.sha256},
+            "model": {
+                "name": predictor.name,
+                "version": predictor.version,
+                "sha256": predictor.sha256,
+            },
             "input_check": {
                 "feature_check": predictor.guard is not None,
                 "colour_checked": False,
@@ -213,7 +266,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         plot_report(report, a.plots, title=folder.name)
         if a.run_dir:
             plot_training_curves(a.run_dir, a.plots)
-    summary = {k: report[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity", "threshold")}
+    summary = {
+        k: report[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity", "threshold")
+    }
     summary["skipped"] = len(loaded.skipped)
     summary["input_check"] = {o: outcomes.count(o) for o in OUTCOMES}
     print(json.dumps(summary))
@@ -247,7 +302,24 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     guard = fit_run_guard(a.run_dir, a.data, components=a.components, progress=not a.no_progress)
     s = guard.summary()
-    print(json.dumps({"guard": str(a.run_dir / "guard.json"), **{k: s[k] for k in ("n_train", "n_validation", "dim", "components", "flag_distance", "refuse_distance")}}))
+    print(
+        json.dumps(
+            {
+                "guard": str(a.run_dir / "guard.json"),
+                **{
+                    k: s[k]
+                    for k in (
+                        "n_train",
+                        "n_validation",
+                        "dim",
+                        "components",
+                        "flag_distance",
+                        "refuse_distance",
+                    )
+                },
+            }
+        )
+    )
     return 0
 
 
@@ -352,7 +424,9 @@ def cmd_audit(a: argparse.Namespace) -> int:
     report = audit(
         a.data,
         max_distance=NEAR_DUPLICATE_DISTANCE if a.near_distance is None else a.near_distance,
-        min_correlation=NEAR_DUPLICATE_CORRELATION if a.near_correlation is None else a.near_correlation,
+        min_correlation=NEAR_DUPLICATE_CORRELATION
+        if a.near_correlation is None
+        else a.near_correlation,
         val_fraction=DEFAULT_VAL_FRACTION if a.val_fraction is None else a.val_fraction,
         split_seed=DEFAULT_SPLIT_SEED if a.split_seed is None else a.split_seed,
         workers=a.workers,
@@ -367,16 +441,24 @@ def cmd_audit(a: argparse.Namespace) -> int:
     for w in report["warnings"]:
         log.warning("%s", w)
     ts = report["patients"]["trainer_split"] or {}
-    print(json.dumps({
-        "data": report["data"],
-        "images": {k: v["total"] for k, v in report["counts"]["images"].items()},
-        "unreadable": len(report["counts"]["unreadable"]),
-        "exact_duplicate_groups": report["duplicates"]["exact"]["groups"],
-        "near_duplicate_pairs": report["duplicates"]["near"]["pairs"],
-        "trainer_split_shared_patients": ts.get("shared_patients"),
-        "shortcut_warnings": [f"{r['split']}:{r['statistic']} {r['auc']}" for r in report["shortcuts"] if r["warning"]],
-        "seconds": report["seconds"],
-    }))
+    print(
+        json.dumps(
+            {
+                "data": report["data"],
+                "images": {k: v["total"] for k, v in report["counts"]["images"].items()},
+                "unreadable": len(report["counts"]["unreadable"]),
+                "exact_duplicate_groups": report["duplicates"]["exact"]["groups"],
+                "near_duplicate_pairs": report["duplicates"]["near"]["pairs"],
+                "trainer_split_shared_patients": ts.get("shared_patients"),
+                "shortcut_warnings": [
+                    f"{r['split']}:{r['statistic']} {r['auc']}"
+                    for r in report["shortcuts"]
+                    if r["warning"]
+                ],
+                "seconds": report["seconds"],
+            }
+        )
+    )
     return 0
 
 
@@ -384,7 +466,10 @@ def cmd_download(a: argparse.Namespace) -> int:
     from pneumonia.download import DownloadError, download, verify
 
     if a.verify and a.to:
-        print("pneumonia data download: error: give --verify DIR or --to DIR, not both", file=sys.stderr)
+        print(
+            "pneumonia data download: error: give --verify DIR or --to DIR, not both",
+            file=sys.stderr,
+        )
         return 2
     try:
         root = a.verify if a.verify else download(a.to, force=a.force)
@@ -399,7 +484,9 @@ def cmd_download(a: argparse.Namespace) -> int:
     else:
         log.warning(
             "%s has the train/test layout and can be passed as --data, but its counts differ "
-            "from the published set in %d place(s) (listed above)", check.root, len(check.differences)
+            "from the published set in %d place(s) (listed above)",
+            check.root,
+            len(check.differences),
         )
     print(json.dumps(check.to_dict()))
     return 0 if check.matches else 1
@@ -410,8 +497,15 @@ def cmd_recalibrate(a: argparse.Namespace) -> int:
 
     try:
         report = recalibrate_model(
-            a.model, a.data, a.out, split=a.split, rule=a.threshold_rule, min_sensitivity=a.min_sensitivity,
-            folds=a.folds, n_boot=a.bootstrap, progress=not a.no_progress,
+            a.model,
+            a.data,
+            a.out,
+            split=a.split,
+            rule=a.threshold_rule,
+            min_sensitivity=a.min_sensitivity,
+            folds=a.folds,
+            n_boot=a.bootstrap,
+            progress=not a.no_progress,
         )
     except ValueError as exc:
         print(f"pneumonia recalibrate: error: {exc}", file=sys.stderr)
@@ -423,17 +517,21 @@ def cmd_recalibrate(a: argparse.Namespace) -> int:
         log.warning("%s", w)
     log.info("%s", report["ranking"])
     keys = ("sensitivity", "specificity", "ece")
-    print(json.dumps({
-        "out": report["out"],
-        "site": report["site"]["counts"],
-        "fitted": report["fitted"],
-        "original": report["original"],
-        "auc": report["auc"],
-        "before": {k: report["before"][k] for k in keys},
-        "after_cross_fitted": {k: report["after"][k] for k in keys},
-        "warnings": len(report["warnings"]),
-        "ranking": report["ranking"],
-    }))
+    print(
+        json.dumps(
+            {
+                "out": report["out"],
+                "site": report["site"]["counts"],
+                "fitted": report["fitted"],
+                "original": report["original"],
+                "auc": report["auc"],
+                "before": {k: report["before"][k] for k in keys},
+                "after_cross_fitted": {k: report["after"][k] for k in keys},
+                "warnings": len(report["warnings"]),
+                "ranking": report["ranking"],
+            }
+        )
+    )
     return 0
 
 
@@ -442,17 +540,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train on ROOT/train (Kaggle layout), DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz")
-    t.add_argument("--data", type=Path, help="Kaggle root, split folder, or MedMNIST .npz (its val split is the validation split); required unless --resume")
+    t = sub.add_parser(
+        "train",
+        help="train on ROOT/train (Kaggle layout), DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz",
+    )
+    t.add_argument(
+        "--data",
+        type=Path,
+        help=(
+            "Kaggle root, split folder, or MedMNIST .npz (its val "
+            "split is the validation split); required unless --resume"
+        ),
+    )
     t.add_argument("--out", type=Path, help="run folder to write; required unless --resume")
-    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="go on with a stopped run from its last finished epoch, as configured in RUN_DIR/config.json (--data: default the run's)")
+    t.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help=(
+            "go on with a stopped run from its last finished epoch, as "
+            "configured in RUN_DIR/config.json (--data: default the run's)"
+        ),
+    )
     t.add_argument("--config", type=Path, help="a config.json from an earlier run")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seeds", type=int, nargs="+", help="one ensemble member per seed")
     t.add_argument("--arch", choices=["effnet_lite0", "cnn", "logreg"])
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--schedule", choices=["onecycle", "cosine"])
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else the CPU")
+    t.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else the CPU"
+    )
     t.add_argument("--size", type=int, help="input size in pixels")
     t.add_argument("--patience", type=int)
     t.add_argument("--batch-size", type=int)
@@ -462,9 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    k = sub.add_parser("calibrate", help="redo calibration and threshold choice of a run from its checkpoints")
+    k = sub.add_parser(
+        "calibrate", help="redo calibration and threshold choice of a run from its checkpoints"
+    )
     k.add_argument("run_dir", type=Path)
-    k.add_argument("--data", type=Path, help="training data root (default: the one recorded in the run)")
+    k.add_argument(
+        "--data", type=Path, help="training data root (default: the one recorded in the run)"
+    )
     k.add_argument("--threshold-rule", choices=["stressed_youden", "min_sensitivity", "youden"])
     k.add_argument("--min-sensitivity", type=float)
     k.set_defaults(func=cmd_calibrate)
@@ -475,13 +597,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="model name in the card (default pneumonia-<arch>)")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("evaluate", help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz")
-    v.add_argument("--data", type=Path, required=True, help="Kaggle root, split folder, or MedMNIST .npz")
-    v.add_argument("--split", choices=["test", "val", "train"], default="test", help="split of a Kaggle root or .npz (default: test)")
+    v = sub.add_parser(
+        "evaluate", help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz"
+    )
+    v.add_argument(
+        "--data", type=Path, required=True, help="Kaggle root, split folder, or MedMNIST .npz"
+    )
+    v.add_argument(
+        "--split",
+        choices=["test", "val", "train"],
+        default="test",
+        help="split of a Kaggle root or .npz (default: test)",
+    )
     v.add_argument("--json", type=Path, required=True)
     _model_arg(v)
-    v.add_argument("--plots", type=Path, help="folder for ROC, PR, confusion, reliability, sweep plots")
-    v.add_argument("--run-dir", type=Path, help="training run folder: also plot its training curves")
+    v.add_argument(
+        "--plots", type=Path, help="folder for ROC, PR, confusion, reliability, sweep plots"
+    )
+    v.add_argument(
+        "--run-dir", type=Path, help="training run folder: also plot its training curves"
+    )
     v.add_argument("--markdown", type=Path, help="also write a Markdown summary")
     v.add_argument("--predictions", type=Path, help="also write per-image predictions (CSV)")
     v.add_argument("--no-progress", action="store_true")
@@ -490,7 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="one JSON line per image")
     r.add_argument("images", nargs="+", type=Path)
     _model_arg(r)
-    r.add_argument("--flag-only", action="store_true", help="answer images the input check finds are not chest X-rays (flagged) instead of refusing them")
+    r.add_argument(
+        "--flag-only",
+        action="store_true",
+        help="answer images the input check finds are not chest X-rays (flagged) instead of refusing them",
+    )
     r.set_defaults(func=cmd_predict)
 
     g = sub.add_parser("guard", help="the input check that refuses what is not a chest X-ray")
@@ -503,8 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
         "which `pneumonia export` puts into the model.",
     )
     gf.add_argument("run_dir", type=Path)
-    gf.add_argument("--data", type=Path, help="training data root (default: the one recorded in the run)")
-    gf.add_argument("--components", type=int, default=64, help="principal directions kept (default 64)")
+    gf.add_argument(
+        "--data", type=Path, help="training data root (default: the one recorded in the run)"
+    )
+    gf.add_argument(
+        "--components", type=int, default=64, help="principal directions kept (default 64)"
+    )
     gf.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     gf.add_argument("--no-progress", action="store_true")
     gf.set_defaults(func=cmd_guard_fit)
@@ -513,8 +656,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(c)
     c.add_argument("--report", type=Path, help="evaluation JSON of the model on the test set")
     c.add_argument("--baseline", type=Path, help="evaluation JSON of the baseline on the same set")
-    c.add_argument("--previous", type=Path, help="evaluation JSON of the model this one replaces, on the same set")
-    c.add_argument("--previous-label", default="previous model", help="its row label in the comparison table")
+    c.add_argument(
+        "--previous",
+        type=Path,
+        help="evaluation JSON of the model this one replaces, on the same set",
+    )
+    c.add_argument(
+        "--previous-label", default="previous model", help="its row label in the comparison table"
+    )
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(func=cmd_card)
 
@@ -566,11 +715,27 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--model", type=Path, required=True, help="exported .onnx model to recalibrate")
     rc.add_argument("--data", type=Path, required=True, help="the site's labelled films")
     rc.add_argument("--out", type=Path, required=True, help="the site model to write (.onnx)")
-    rc.add_argument("--split", choices=["train", "val", "test"], default="train", help="split of a Kaggle root or .npz (default: train; a plain DIR/{NORMAL,PNEUMONIA} is used whole)")
-    rc.add_argument("--threshold-rule", choices=["min_sensitivity", "youden", "stressed_youden"], help="default: the model's rule")
+    rc.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        default="train",
+        help="split of a Kaggle root or .npz (default: train; a plain DIR/{NORMAL,PNEUMONIA} is used whole)",
+    )
+    rc.add_argument(
+        "--threshold-rule",
+        choices=["min_sensitivity", "youden", "stressed_youden"],
+        help="default: the model's rule",
+    )
     rc.add_argument("--min-sensitivity", type=float, help="default: the model's")
-    rc.add_argument("--folds", type=int, default=5, help="cross-fitting folds, grouped by patient (default 5)")
-    rc.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    rc.add_argument(
+        "--folds", type=int, default=5, help="cross-fitting folds, grouped by patient (default 5)"
+    )
+    rc.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the intervals (default 1000)",
+    )
     rc.add_argument("--report", type=Path, help="also write the full report as JSON")
     rc.add_argument("--no-progress", action="store_true")
     rc.set_defaults(func=cmd_recalibrate)
@@ -587,10 +752,30 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("data", type=Path)
     au.add_argument("--json", type=Path, help="write the full report as JSON")
     au.add_argument("--html", type=Path, help="write the report as a self-contained HTML page")
-    au.add_argument("--near-distance", type=int, default=None, help="near-duplicate candidates: pHash or dHash Hamming distance at most this, 0-7 (default 7)")
-    au.add_argument("--near-correlation", type=float, default=None, help="near duplicates: thumbnail correlation at least this (default 0.98)")
-    au.add_argument("--val-fraction", type=float, default=None, help="the trainer's split to check (default: TrainConfig's)")
-    au.add_argument("--split-seed", type=int, default=None, help="the trainer's split seed (default: TrainConfig's)")
+    au.add_argument(
+        "--near-distance",
+        type=int,
+        default=None,
+        help="near-duplicate candidates: pHash or dHash Hamming distance at most this, 0-7 (default 7)",
+    )
+    au.add_argument(
+        "--near-correlation",
+        type=float,
+        default=None,
+        help="near duplicates: thumbnail correlation at least this (default 0.98)",
+    )
+    au.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="the trainer's split to check (default: TrainConfig's)",
+    )
+    au.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="the trainer's split seed (default: TrainConfig's)",
+    )
     au.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
     au.add_argument("--no-progress", action="store_true")
     au.set_defaults(func=cmd_audit)
@@ -602,8 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
         "counts against the published ones. Exit 0: matches; 1: usable layout but the counts "
         "differ (each difference is printed); 2: no usable layout or the download failed.",
     )
-    dl.add_argument("--to", type=Path, help="folder to download into (kagglehub's cache; default ~/.cache/kagglehub)")
-    dl.add_argument("--verify", type=Path, metavar="DIR", help="only check a copy obtained elsewhere")
+    dl.add_argument(
+        "--to",
+        type=Path,
+        help="folder to download into (kagglehub's cache; default ~/.cache/kagglehub)",
+    )
+    dl.add_argument(
+        "--verify", type=Path, metavar="DIR", help="only check a copy obtained elsewhere"
+    )
     dl.add_argument("--force", action="store_true", help="download again even if cached")
     dl.set_defaults(func=cmd_download)
     return p

@@ -258,7 +258,9 @@ def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     if split not in NPZ_SPLITS:
-        raise DatasetLayoutError(f"split must be one of {NPZ_SPLITS} for an .npz file, got {split!r}")
+        raise DatasetLayoutError(
+            f"split must be one of {NPZ_SPLITS} for an .npz file, got {split!r}"
+        )
     if not path.is_file():
         raise DatasetLayoutError(f"{path} does not exist; expected a MedMNIST .npz file")
     try:
@@ -331,7 +333,6 @@ class NpzReader:
             if key not in self._arrays:
                 self._arrays[key] = read_npz_split(*key)[0]
         return self._arrays[key][sample.npz_index]
-
 
 
 def _load_one(sample: Sample, spec: PreprocessSpec, reader: NpzReader) -> np.ndarray | str:

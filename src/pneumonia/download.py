@@ -81,7 +81,11 @@ def find_root(folder: Path) -> Path:
     found = [folder] if _is_root(folder) else []
     if not found:
         found = sorted(
-            (d for d in folder.rglob("*") if d.is_dir() and "__MACOSX" not in d.parts and _is_root(d)),
+            (
+                d
+                for d in folder.rglob("*")
+                if d.is_dir() and "__MACOSX" not in d.parts and _is_root(d)
+            ),
             key=lambda d: (len(d.parts), str(d)),
         )
     if not found:
@@ -110,7 +114,9 @@ def verify(root: Path) -> Verification:
     for split, published in PUBLISHED_COUNTS.items():
         if not (root / split).is_dir():
             counts[split] = None
-            diffs.append(f"{split}: missing (published: {published['NORMAL']:,} NORMAL / {published['PNEUMONIA']:,} PNEUMONIA)")
+            diffs.append(
+                f"{split}: missing (published: {published['NORMAL']:,} NORMAL / {published['PNEUMONIA']:,} PNEUMONIA)"
+            )
             continue
         per = {c: _count(root / split / c) if (root / split / c).is_dir() else 0 for c in LABELS}
         counts[split] = per

@@ -125,23 +125,38 @@ def image_reasons(x: np.ndarray, stats: DecodeStats | None = None) -> list[str]:
         stats: What the decoder saw (colour); None skips the colour rule.
     """
     reasons = []
-    if stats is not None and stats.colour_fraction is not None and stats.colour_fraction > MAX_COLOUR_FRACTION:
-        reasons.append(f"{stats.colour_fraction:.0%} of its pixels are coloured; radiographs are gray")
+    if (
+        stats is not None
+        and stats.colour_fraction is not None
+        and stats.colour_fraction > MAX_COLOUR_FRACTION
+    ):
+        reasons.append(
+            f"{stats.colour_fraction:.0%} of its pixels are coloured; radiographs are gray"
+        )
     img = np.asarray(x[0], dtype=np.float32)
     std = float(img.std())
     if std < MIN_CONTRAST:
         reasons.append(f"it is blank or almost uniform (contrast {std:.3f})")
         return reasons
-    diff = (float(np.abs(np.diff(img, axis=0)).mean()) + float(np.abs(np.diff(img, axis=1)).mean())) / 2
+    diff = (
+        float(np.abs(np.diff(img, axis=0)).mean()) + float(np.abs(np.diff(img, axis=1)).mean())
+    ) / 2
     if diff / std > MAX_NOISE:
-        reasons.append(f"it looks like noise (pixel-to-pixel variation {diff / std:.2f} of its contrast)")
+        reasons.append(
+            f"it looks like noise (pixel-to-pixel variation {diff / std:.2f} of its contrast)"
+        )
     levels = int(np.count_nonzero(np.bincount((img * 255).astype(np.uint8).ravel(), minlength=256)))
     if levels < MIN_GREY_LEVELS:
         reasons.append(f"it has only {levels} grey levels")
     detail = _detail(img) / std
     if detail < MIN_DETAIL:
-        reasons.append(f"it is too smooth for a radiograph, as a gradient or drawing is (detail {detail:.3f})")
-    flat = float(np.bincount(np.minimum((img * 64).astype(np.int64), 63).ravel(), minlength=64).max()) / img.size
+        reasons.append(
+            f"it is too smooth for a radiograph, as a gradient or drawing is (detail {detail:.3f})"
+        )
+    flat = (
+        float(np.bincount(np.minimum((img * 64).astype(np.int64), 63).ravel(), minlength=64).max())
+        / img.size
+    )
     if flat > MAX_FLAT_SHARE:
         reasons.append(f"{flat:.0%} of it is one flat tone, as in a page, drawing or screenshot")
     return reasons
@@ -154,7 +169,13 @@ def _detail(img: np.ndarray) -> float:
     xs = np.linspace(0, w, 65).astype(int)
     small = np.add.reduceat(np.add.reduceat(img, ys[:-1], axis=0), xs[:-1], axis=1)
     small /= np.outer(np.diff(ys), np.diff(xs))
-    lap = 4 * small[1:-1, 1:-1] - small[:-2, 1:-1] - small[2:, 1:-1] - small[1:-1, :-2] - small[1:-1, 2:]
+    lap = (
+        4 * small[1:-1, 1:-1]
+        - small[:-2, 1:-1]
+        - small[2:, 1:-1]
+        - small[1:-1, :-2]
+        - small[1:-1, 2:]
+    )
     return float(np.abs(lap).mean())
 
 
@@ -200,7 +221,9 @@ class FeatureGuard:
         z = np.asarray(features, dtype=np.float32).reshape(len(features), -1) - self.mean
         proj = z @ self.components.T
         inside = (proj**2 / self.variances).sum(axis=1)
-        residual = np.maximum((z**2).sum(axis=1) - (proj**2).sum(axis=1), 0.0) / self.residual_variance
+        residual = (
+            np.maximum((z**2).sum(axis=1) - (proj**2).sum(axis=1), 0.0) / self.residual_variance
+        )
         out: np.ndarray = np.sqrt((inside + residual) / self.dim).astype(np.float64)
         return out
 
@@ -211,11 +234,19 @@ class FeatureGuard:
             score = float(d / self.flag_distance)
             why = list(why)
             if d > self.refuse_distance:
-                why.append(f"its features are {score:.1f}x the flag distance from the training films'")
+                why.append(
+                    f"its features are {score:.1f}x the flag distance from the training films'"
+                )
             if why:
                 out.append(InputCheck(NOT_A_CHEST_XRAY, score, tuple(why)))
             elif d > self.flag_distance:
-                out.append(InputCheck(UNLIKE_TRAINING, score, (f"feature distance {score:.2f}x the flag threshold",)))
+                out.append(
+                    InputCheck(
+                        UNLIKE_TRAINING,
+                        score,
+                        (f"feature distance {score:.2f}x the flag threshold",),
+                    )
+                )
             else:
                 out.append(InputCheck(TYPICAL, score))
         return out
@@ -264,7 +295,11 @@ class FeatureGuard:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"invalid input check statistics: {exc!r}") from None
-        if not (0 < guard.flag_distance <= guard.refuse_distance) or guard.residual_variance <= 0 or (guard.variances <= 0).any():
+        if (
+            not (0 < guard.flag_distance <= guard.refuse_distance)
+            or guard.residual_variance <= 0
+            or (guard.variances <= 0).any()
+        ):
             raise ValueError("invalid input check statistics: thresholds or variances out of range")
         return guard
 
@@ -302,7 +337,9 @@ def fit_feature_guard(
     train = np.asarray(train, dtype=np.float64)
     n, dim = train.shape
     if n < 3 or len(validation) < 1:
-        raise ValueError(f"need at least 3 training and 1 validation features, got {n} and {len(validation)}")
+        raise ValueError(
+            f"need at least 3 training and 1 validation features, got {n} and {len(validation)}"
+        )
     mean = train.mean(axis=0)
     _, s, vt = np.linalg.svd(train - mean, full_matrices=False)
     var = s**2 / (n - 1)
@@ -327,8 +364,12 @@ def fit_feature_guard(
         "n_validation": len(validation),
         "flag_rule": f"{flag_quantile:.1%} quantile of the validation films' distances",
         "refuse_rule": f"{refuse_factor:g} x the flag distance",
-        "validation_distance_quantiles": {q: float(np.quantile(val_d, float(q))) for q in ("0.5", "0.9", "0.99", "0.995", "1.0")},
-        "train_distance_quantiles": {q: float(np.quantile(train_d, float(q))) for q in ("0.5", "0.99", "1.0")},
+        "validation_distance_quantiles": {
+            q: float(np.quantile(val_d, float(q))) for q in ("0.5", "0.9", "0.99", "0.995", "1.0")
+        },
+        "train_distance_quantiles": {
+            q: float(np.quantile(train_d, float(q))) for q in ("0.5", "0.99", "1.0")
+        },
         "validation_flagged": float((val_d > flag).mean()),
         "validation_refused": float((val_d > flag * refuse_factor).mean()),
     }

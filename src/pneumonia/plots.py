@@ -27,10 +27,21 @@ def plot_report(report: dict[str, Any], out_dir: Path, title: str = "") -> list[
     paths = []
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], lw=2, label="AUC n/a (one class)" if report["auc"] is None else f"AUC {report['auc']:.3f}")
+    ax.plot(
+        c["roc"]["fpr"],
+        c["roc"]["tpr"],
+        lw=2,
+        label="AUC n/a (one class)" if report["auc"] is None else f"AUC {report['auc']:.3f}",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     if report["specificity"] is not None and report["sensitivity"] is not None:
-        ax.scatter([1 - report["specificity"]], [report["sensitivity"]], color="red", zorder=3, label=f"threshold {thr:.3f}")
+        ax.scatter(
+            [1 - report["specificity"]],
+            [report["sensitivity"]],
+            color="red",
+            zorder=3,
+            label=f"threshold {thr:.3f}",
+        )
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC {title}".strip())
     ax.legend(loc="lower right")
     paths.append(_save(fig, out_dir / "roc.png"))
@@ -38,8 +49,19 @@ def plot_report(report: dict[str, Any], out_dir: Path, title: str = "") -> list[
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(c["pr"]["recall"], c["pr"]["precision"], lw=2)
     if report["sensitivity"] is not None and report["ppv"] is not None:
-        ax.scatter([report["sensitivity"]], [report["ppv"]], color="red", zorder=3, label=f"threshold {thr:.3f}")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall {title}".strip(), ylim=(0, 1.02))
+        ax.scatter(
+            [report["sensitivity"]],
+            [report["ppv"]],
+            color="red",
+            zorder=3,
+            label=f"threshold {thr:.3f}",
+        )
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision (PPV)",
+        title=f"Precision-recall {title}".strip(),
+        ylim=(0, 1.02),
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower left")
     paths.append(_save(fig, out_dir / "precision_recall.png"))
@@ -58,10 +80,20 @@ def plot_report(report: dict[str, Any], out_dir: Path, title: str = "") -> list[
 
     r = c["reliability"]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    pts = [(m, f) for m, f, n in zip(r["mean_predicted"], r["fraction_positive"], r["count"], strict=True) if n]
+    pts = [
+        (m, f)
+        for m, f, n in zip(r["mean_predicted"], r["fraction_positive"], r["count"], strict=True)
+        if n
+    ]
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.plot([m for m, _ in pts], [f for _, f in pts], "o-", lw=2)
-    ax.set(xlabel="predicted P(PNEUMONIA)", ylabel="observed fraction PNEUMONIA", title="Reliability (ECE n/a)" if report["ece"] is None else f"Reliability (ECE {report['ece']:.3f})")
+    ax.set(
+        xlabel="predicted P(PNEUMONIA)",
+        ylabel="observed fraction PNEUMONIA",
+        title="Reliability (ECE n/a)"
+        if report["ece"] is None
+        else f"Reliability (ECE {report['ece']:.3f})",
+    )
     paths.append(_save(fig, out_dir / "reliability.png"))
 
     s = c["threshold_sweep"]
@@ -69,7 +101,9 @@ def plot_report(report: dict[str, Any], out_dir: Path, title: str = "") -> list[
     for key in ("sensitivity", "specificity", "accuracy", "f1"):
         ax.plot(s["threshold"], s[key], label=key)
     ax.axvline(thr, color="k", ls="--", lw=1, label="shipped threshold")
-    ax.set(xlabel="threshold on P(PNEUMONIA)", ylabel="value", title="Threshold sweep", ylim=(0, 1.02))
+    ax.set(
+        xlabel="threshold on P(PNEUMONIA)", ylabel="value", title="Threshold sweep", ylim=(0, 1.02)
+    )
     ax.legend(loc="lower center", fontsize=8)
     paths.append(_save(fig, out_dir / "threshold_sweep.png"))
     return paths

@@ -143,13 +143,21 @@ def _cgroup_cpu_quota() -> float | None:
 
 
 def _validate_card(card: dict[str, Any], path: Path) -> None:
-    missing = [k for k in ("labels", "threshold", "temperature", "bias", "preprocess", "name") if k not in card]
+    missing = [
+        k
+        for k in ("labels", "threshold", "temperature", "bias", "preprocess", "name")
+        if k not in card
+    ]
     if missing:
-        raise ModelLoadError(f"model card in {path} lacks {missing}; re-export the model with `pneumonia export`")
+        raise ModelLoadError(
+            f"model card in {path} lacks {missing}; re-export the model with `pneumonia export`"
+        )
     if list(card["labels"]) != list(LABELS):
         raise ModelLoadError(f"model {path} has labels {card['labels']}, expected {list(LABELS)}")
     if not 0.0 <= float(card["threshold"]) <= 1.0 or float(card["temperature"]) <= 0.0:
-        raise ModelLoadError(f"model {path} has threshold {card['threshold']} / temperature {card['temperature']} out of range")
+        raise ModelLoadError(
+            f"model {path} has threshold {card['threshold']} / temperature {card['temperature']} out of range"
+        )
 
 
 class Predictor:
@@ -172,7 +180,9 @@ class Predictor:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise ModelLoadError(f"model file {self.path} does not exist; set MODEL_PATH or --model to an exported .onnx")
+            raise ModelLoadError(
+                f"model file {self.path} does not exist; set MODEL_PATH or --model to an exported .onnx"
+            )
         self.sha256 = sha256_file(self.path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or available_cpus()
@@ -182,12 +192,18 @@ class Predictor:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:
-            raise ModelLoadError(f"model file {self.path} is not a valid ONNX model ({type(exc).__name__})") from None
+            raise ModelLoadError(
+                f"model file {self.path} is not a valid ONNX model ({type(exc).__name__})"
+            ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if CARD_METADATA_KEY not in meta:
-            raise ModelLoadError(f"model file {self.path} carries no model card; export it with `pneumonia export`")
+            raise ModelLoadError(
+                f"model file {self.path} carries no model card; export it with `pneumonia export`"
+            )
         try:
             self.card: dict[str, Any] = json.loads(meta[CARD_METADATA_KEY])
             _validate_card(self.card, self.path)
@@ -196,22 +212,44 @@ class Predictor:
             raise ModelLoadError(f"model card in {self.path} is invalid: {exc}") from None
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or tuple(outputs) not in (OUTPUT_NAMES, OUTPUT_NAMES_WITH_EMBEDDING):
-            raise ModelLoadError(f"model {self.path} must take '{INPUT_NAME}' and give {OUTPUT_NAMES} (and optionally '{EMBEDDING_OUTPUT}'), got {[i.name for i in inputs]} -> {outputs}")
+        if (
+            len(inputs) != 1
+            or inputs[0].name != INPUT_NAME
+            or tuple(outputs) not in (OUTPUT_NAMES, OUTPUT_NAMES_WITH_EMBEDDING)
+        ):
+            raise ModelLoadError(
+                f"model {self.path} must take '{INPUT_NAME}' and give {OUTPUT_NAMES} (and "
+                f"optionally '{EMBEDDING_OUTPUT}'), got {[i.name for i in inputs]} -> {outputs}"
+            )
         self.output_names = tuple(outputs)
         if list(inputs[0].shape[1:]) != list(self.spec.input_shape):
-            raise ModelLoadError(f"model {self.path} takes input {inputs[0].shape}, but its card says {self.spec.input_shape}")
+            raise ModelLoadError(
+                f"model {self.path} takes input {inputs[0].shape}, but its card says {self.spec.input_shape}"
+            )
         # A wrong-ranked output would not fail at load: a (N, 2) logit would silently give each
         # image another image's score, a 2-D cam would fail every heatmap request.
         got = {a.name: (a.type, a.shape) for a in (inputs[0], *self.session.get_outputs())}
-        want = {INPUT_NAME: 4, OUTPUT_NAMES[0]: 1, OUTPUT_NAMES[1]: 3, **({EMBEDDING_OUTPUT: 2} if EMBEDDING_OUTPUT in got else {})}
-        if any(got[k][0] != "tensor(float)" or not isinstance(got[k][1], list) or len(got[k][1]) != n for k, n in want.items()):
-            raise ModelLoadError(f"model {self.path} must map float32 {INPUT_NAME} (N, C, H, W) to {OUTPUT_NAMES[0]} (N,) and {OUTPUT_NAMES[1]} (N, h, w), got {got}")
+        want = {
+            INPUT_NAME: 4,
+            OUTPUT_NAMES[0]: 1,
+            OUTPUT_NAMES[1]: 3,
+            **({EMBEDDING_OUTPUT: 2} if EMBEDDING_OUTPUT in got else {}),
+        }
+        if any(
+            got[k][0] != "tensor(float)" or not isinstance(got[k][1], list) or len(got[k][1]) != n
+            for k, n in want.items()
+        ):
+            raise ModelLoadError(
+                f"model {self.path} must map float32 {INPUT_NAME} (N, C, H, W) to "
+                f"{OUTPUT_NAMES[0]} (N,) and {OUTPUT_NAMES[1]} (N, h, w), got {got}"
+            )
         sidecar = sidecar_card_path(self.path)
         if sidecar.is_file():
             declared = json.loads(sidecar.read_text()).get("sha256")
             if declared and declared != self.sha256:
-                raise ModelLoadError(f"{sidecar} describes a different file (sha256 {declared[:12]}..., file has {self.sha256[:12]}...)")
+                raise ModelLoadError(
+                    f"{sidecar} describes a different file (sha256 {declared[:12]}..., file has {self.sha256[:12]}...)"
+                )
         self.threshold = float(self.card["threshold"])
         self.temperature = float(self.card["temperature"])
         self.bias = float(self.card["bias"])
@@ -220,17 +258,25 @@ class Predictor:
     def _load_guard(self, meta: dict[str, str]) -> FeatureGuard | None:
         """The fitted feature statistics, or None (then only the image checks run)."""
         if GUARD_METADATA_KEY not in meta:
-            log.info("model %s carries no fitted input check; only the image checks run (re-export it with `pneumonia guard fit` first for the feature check)", self.path.name)
+            log.info(
+                "model %s carries no fitted input check; only the image checks run "
+                "(re-export it with `pneumonia guard fit` first for the feature check)",
+                self.path.name,
+            )
             return None
         if EMBEDDING_OUTPUT not in self.output_names:
-            raise ModelLoadError(f"model {self.path} carries input check statistics but no '{EMBEDDING_OUTPUT}' output")
+            raise ModelLoadError(
+                f"model {self.path} carries input check statistics but no '{EMBEDDING_OUTPUT}' output"
+            )
         try:
             guard = FeatureGuard.from_dict(json.loads(meta[GUARD_METADATA_KEY]))
         except ValueError as exc:
             raise ModelLoadError(f"model {self.path}: {exc}") from None
         width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
         if isinstance(width, int) and width != guard.dim:
-            raise ModelLoadError(f"model {self.path} gives {width} features but its input check was fitted on {guard.dim}")
+            raise ModelLoadError(
+                f"model {self.path} gives {width} features but its input check was fitted on {guard.dim}"
+            )
         return guard
 
     @property
@@ -264,7 +310,10 @@ class Predictor:
         return np.asarray(outs[0], dtype=np.float64).reshape(-1), np.asarray(outs[1]), emb
 
     def check_inputs(
-        self, batch: np.ndarray, features: np.ndarray | None, stats: Sequence[DecodeStats | None] | None = None
+        self,
+        batch: np.ndarray,
+        features: np.ndarray | None,
+        stats: Sequence[DecodeStats | None] | None = None,
     ) -> list[InputCheck]:
         """The input check's verdict per image (see pneumonia.guard); never raises for an image."""
         st = list(stats) if stats is not None else [None] * len(batch)
@@ -277,7 +326,9 @@ class Predictor:
         """Calibrated P(PNEUMONIA) for a preprocessed batch."""
         return self.probabilities_and_checks(batch, chunk)[0]
 
-    def probabilities_and_checks(self, batch: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, list[InputCheck]]:
+    def probabilities_and_checks(
+        self, batch: np.ndarray, chunk: int = 64
+    ) -> tuple[np.ndarray, list[InputCheck]]:
         """Calibrated P(PNEUMONIA) and the input check (without decode statistics) per image."""
         if len(batch) == 0:
             return np.zeros(0), []
@@ -289,7 +340,10 @@ class Predictor:
         return calibrated_probability(np.concatenate(logits), self.temperature, self.bias), checks
 
     def predict_arrays(
-        self, batch: np.ndarray, with_cam: bool = False, stats: Sequence[DecodeStats | None] | None = None
+        self,
+        batch: np.ndarray,
+        with_cam: bool = False,
+        stats: Sequence[DecodeStats | None] | None = None,
     ) -> list[Prediction]:
         """Classify a preprocessed batch; every prediction carries its input check (never refused)."""
         logits, cams, emb = self.run_all(batch)
@@ -300,11 +354,15 @@ class Predictor:
             for i, (z, p) in enumerate(zip(logits, probs, strict=True))
         ]
 
-    def predict_prepared(self, prepared: Sequence[Preprocessed], with_cam: bool = False) -> list[Prediction | NotAChestXrayError]:
+    def predict_prepared(
+        self, prepared: Sequence[Preprocessed], with_cam: bool = False
+    ) -> list[Prediction | NotAChestXrayError]:
         """Classify prepared images; what the check refuses is its error (unless ``refuse`` is off)."""
         if not prepared:
             return []
-        preds = self.predict_arrays(np.stack([p.input for p in prepared]), with_cam, [p.stats for p in prepared])
+        preds = self.predict_arrays(
+            np.stack([p.input for p in prepared]), with_cam, [p.stats for p in prepared]
+        )
         return [self.refusal(p) or p for p in preds]
 
     def refusal(self, pred: Prediction) -> NotAChestXrayError | None:
@@ -324,7 +382,9 @@ class Predictor:
             raise out
         return out
 
-    def _prediction(self, logit: float, p: float, cam: np.ndarray | None, check: InputCheck | None = None) -> Prediction:
+    def _prediction(
+        self, logit: float, p: float, cam: np.ndarray | None, check: InputCheck | None = None
+    ) -> Prediction:
         positive = p >= self.threshold
         return Prediction(
             label=LABELS[1] if positive else LABELS[0],

@@ -52,7 +52,10 @@ def progress_bar(iterable: Iterable[T] | None = None, *, enabled: bool, **kwargs
         try:
             from tqdm import tqdm
         except ModuleNotFoundError:
-            log.warning("no progress bar: tqdm is not installed (%s); --no-progress silences this", INSTALL_HINT)
+            log.warning(
+                "no progress bar: tqdm is not installed (%s); --no-progress silences this",
+                INSTALL_HINT,
+            )
         else:
             return tqdm(iterable, **kwargs)
     return _NoBar(iterable)

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 SITE_RULES = ("min_sensitivity", "youden", "stressed_youden")
 RULE_DESCRIPTIONS = {
-    "min_sensitivity": "highest threshold on calibrated P(PNEUMONIA) whose site sensitivity is at least min_sensitivity",
+    "min_sensitivity": (
+        "highest threshold on calibrated P(PNEUMONIA) whose site sensitivity is at least min_sensitivity"
+    ),
     "youden": "Youden's J on the site films",
     "stressed_youden": "Youden's J on the site films, lowered if needed so that the site sensitivity is at "
     "least min_sensitivity (the model's stressed_youden rule; the site's own films stand in for the "
@@ -55,13 +57,18 @@ METRICS = ("sensitivity", "specificity", "accuracy", "ppv", "npv", "brier", "ece
 def site_threshold(y: np.ndarray, p: np.ndarray, rule: str, min_sensitivity: float) -> float:
     """The threshold by a site rule (see :data:`RULE_DESCRIPTIONS`)."""
     if rule == "stressed_youden":
-        return min(choose_threshold(y, p, "youden"), choose_threshold(y, p, "min_sensitivity", min_sensitivity))
+        return min(
+            choose_threshold(y, p, "youden"),
+            choose_threshold(y, p, "min_sensitivity", min_sensitivity),
+        )
     if rule not in SITE_RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; expected one of {SITE_RULES}")
     return choose_threshold(y, p, rule, min_sensitivity)
 
 
-def refit(logits: np.ndarray, y: np.ndarray, rule: str, min_sensitivity: float) -> tuple[float, float, float]:
+def refit(
+    logits: np.ndarray, y: np.ndarray, rule: str, min_sensitivity: float
+) -> tuple[float, float, float]:
     """(temperature, bias, threshold) fitted on these films."""
     temperature, bias = fit_calibration(logits, y)
     p = calibrated_probability(logits, temperature, bias)
@@ -127,10 +134,17 @@ def _bootstrap(
             if v is not None and np.isfinite(v):
                 draws.setdefault(k, []).append(v)
     keys = (*METRICS, "auc")
-    return {k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] if (v := draws.get(k)) else [None, None] for k in keys}
+    return {
+        k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))]
+        if (v := draws.get(k))
+        else [None, None]
+        for k in keys
+    }
 
 
-def size_warnings(y: np.ndarray, n_groups: int, rule: str, min_sensitivity: float, folds: int) -> list[str]:
+def size_warnings(
+    y: np.ndarray, n_groups: int, rule: str, min_sensitivity: float, folds: int
+) -> list[str]:
     """Why this site set may be too small for the rule and the calibration."""
     n_pos, n_neg = int(np.sum(y == 1)), int(np.sum(y == 0))
     fit_pos = math.floor(n_pos * (folds - 1) / folds)
@@ -152,14 +166,18 @@ def size_warnings(y: np.ndarray, n_groups: int, rule: str, min_sensitivity: floa
                 f"films is uncertain by about ±{half:.2f}"
             )
     if rule in ("youden", "stressed_youden") and min(n_pos, n_neg) < 50:
-        out.append(f"small for Youden's J: {n_neg} NORMAL / {n_pos} PNEUMONIA films (fewer than 50 in a class)")
+        out.append(
+            f"small for Youden's J: {n_neg} NORMAL / {n_pos} PNEUMONIA films (fewer than 50 in a class)"
+        )
     if min(n_pos, n_neg) < 20 or n_pos + n_neg < 100:
         out.append(
             f"small for calibration: {n_neg} NORMAL / {n_pos} PNEUMONIA films; temperature and bias "
             "are poorly determined below about 100 films with 20 of each class"
         )
     if n_groups < 2 * folds:
-        out.append(f"only {n_groups} patient groups for {folds} folds; the cross-fitted figures are unstable")
+        out.append(
+            f"only {n_groups} patient groups for {folds} folds; the cross-fitted figures are unstable"
+        )
     return out
 
 
@@ -206,11 +224,15 @@ def recalibrate_scores(
     for f in range(k):
         fit, held = fold != f, fold == f
         if len(np.unique(y[fit])) < 2:
-            raise ValueError(f"fold {f}'s fitting part lacks a class; the site set is too small to cross-fit")
+            raise ValueError(
+                f"fold {f}'s fitting part lacks a class; the site set is too small to cross-fit"
+            )
         t, b, thr = refit(z[fit], y[fit], rule, min_sensitivity)
         p_oof[held] = calibrated_probability(z[held], t, b)
         pos_oof[held] = p_oof[held] >= thr
-        per_fold.append({"temperature": t, "bias": b, "threshold": thr, "n_held_out": int(held.sum())})
+        per_fold.append(
+            {"temperature": t, "bias": b, "threshold": thr, "n_held_out": int(held.sum())}
+        )
     t0, b0, thr0 = original
     p_before = calibrated_probability(z, t0, b0)
     pos_before = p_before >= thr0
@@ -227,18 +249,30 @@ def recalibrate_scores(
         "n": len(y),
         "counts": {name: int((y == i).sum()) for i, name in enumerate(LABELS)},
         "patients": n_groups,
-        "rule": {"rule": rule, "min_sensitivity": min_sensitivity, "description": RULE_DESCRIPTIONS[rule]},
+        "rule": {
+            "rule": rule,
+            "min_sensitivity": min_sensitivity,
+            "description": RULE_DESCRIPTIONS[rule],
+        },
         "original": {"temperature": t0, "bias": b0, "threshold": thr0},
         "fitted": {"temperature": temperature, "bias": bias, "threshold": threshold},
         "auc": auc,
         "folds": {"k": k, "grouped_by": "patient", "per_fold": per_fold},
-        "before": {**_metrics(y, p_before, pos_before), "ci95": _bootstrap(y, groups, before, n_boot, seed)},
+        "before": {
+            **_metrics(y, p_before, pos_before),
+            "ci95": _bootstrap(y, groups, before, n_boot, seed),
+        },
         "after": {
             **_metrics(y, p_oof, pos_oof),
             "ci95": _bootstrap(y, groups, after, n_boot, seed),
-            "how": f"cross-fitted: each film scored by a calibration and threshold fitted on the other {k - 1} of {k} patient-grouped folds",
+            "how": (
+                "cross-fitted: each film scored by a calibration and threshold fitted on the other "
+                f"{k - 1} of {k} patient-grouped folds"
+            ),
         },
-        "auc_ci95": _bootstrap(y, groups, lambda ix: {"auc": roc_auc(y[ix], z[ix])}, n_boot, seed)["auc"],
+        "auc_ci95": _bootstrap(y, groups, lambda ix: {"auc": roc_auc(y[ix], z[ix])}, n_boot, seed)[
+            "auc"
+        ],
         "warnings": size_warnings(y, n_groups, rule, min_sensitivity, k),
         "ranking": RANKING_NOTE,
     }
@@ -320,7 +354,8 @@ def with_metadata(model: bytes, props: dict[str, str]) -> bytes:
     """``model`` with its metadata_props replaced by ``props``; every other byte is kept."""
     kept = b"".join(model[s:e] for n, _, s, e in _fields(model) if n != METADATA_FIELD)
     entries = b"".join(
-        _len_field(METADATA_FIELD, _len_field(1, k.encode()) + _len_field(2, v.encode())) for k, v in props.items()
+        _len_field(METADATA_FIELD, _len_field(1, k.encode()) + _len_field(2, v.encode()))
+        for k, v in props.items()
     )
     return kept + entries
 
@@ -330,7 +365,9 @@ def files_digest(keys: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
-def site_card(card: dict[str, Any], result: dict[str, Any], site: dict[str, Any], model_sha256: str) -> dict[str, Any]:
+def site_card(
+    card: dict[str, Any], result: dict[str, Any], site: dict[str, Any], model_sha256: str
+) -> dict[str, Any]:
     """The recalibrated model's card: the original, with the refitted values and a
     ``site_recalibration`` record (the previous one, if any, nested in it)."""
     fitted = result["fitted"]
@@ -347,7 +384,10 @@ def site_card(card: dict[str, Any], result: dict[str, Any], site: dict[str, Any]
             "calibration": card.get("calibration"),
         },
         "site": site,
-        **{k: result[k] for k in ("rule", "fitted", "auc", "auc_ci95", "folds", "before", "after", "warnings")},
+        **{
+            k: result[k]
+            for k in ("rule", "fitted", "auc", "auc_ci95", "folds", "before", "after", "warnings")
+        },
         "previous": card.get("site_recalibration"),
     }
     return {
@@ -379,7 +419,8 @@ def render_site_section(card: dict[str, Any]) -> str:
         f"- Refitted: {', '.join(r['refitted'])}. Temperature {o['temperature']:.4f} -> {fitted['temperature']:.4f}, "
         f"bias {o['bias']:.4f} -> {fitted['bias']:.4f}, threshold {o['threshold']:.4f} -> {fitted['threshold']:.4f} "
         f"({r['rule']['description']}; min_sensitivity {r['rule']['min_sensitivity']}).",
-        f"- Unchanged: {r['unchanged']} Site ROC-AUC {_f(r['auc'])} (95% CI {_f(r['auc_ci95'][0])}-{_f(r['auc_ci95'][1])}).",
+        f"- Unchanged: {r['unchanged']} Site ROC-AUC {_f(r['auc'])} "
+        f"(95% CI {_f(r['auc_ci95'][0])}-{_f(r['auc_ci95'][1])}).",
         f"- Original model file sha256 `{o['sha256']}`; its training provenance is kept below.",
         "",
         f"| on the site's films | before (original) | after ({r['after']['how']}) |",
@@ -388,7 +429,8 @@ def render_site_section(card: dict[str, Any]) -> str:
     for m in METRICS:
         b, a = r["before"], r["after"]
         lines.append(
-            f"| {m} | {_f(b[m])} ({_f(b['ci95'][m][0])}-{_f(b['ci95'][m][1])}) | {_f(a[m])} ({_f(a['ci95'][m][0])}-{_f(a['ci95'][m][1])}) |"
+            f"| {m} | {_f(b[m])} ({_f(b['ci95'][m][0])}-{_f(b['ci95'][m][1])}) "
+            f"| {_f(a[m])} ({_f(a['ci95'][m][0])}-{_f(a['ci95'][m][1])}) |"
         )
     lines.append("")
     lines += [f"- Warning: {w}" for w in r["warnings"]]
@@ -428,8 +470,17 @@ def recalibrate_model(
         min_sensitivity = float(old_rule.get("min_sensitivity") or 0.98)
     samples = split_samples(data, split)
     loaded = load_images(samples, predictor.spec, progress=progress)
-    logits = np.concatenate([predictor.run(loaded.x[i : i + 32])[0] for i in range(0, len(loaded.x), 32)]) if len(loaded.x) else np.zeros(0)
-    ids = [patient_id_rule(s.path.name) if s.npz_index is None else (s.patient, None) for s in loaded.samples]
+    logits = (
+        np.concatenate(
+            [predictor.run(loaded.x[i : i + 32])[0] for i in range(0, len(loaded.x), 32)]
+        )
+        if len(loaded.x)
+        else np.zeros(0)
+    )
+    ids = [
+        patient_id_rule(s.path.name) if s.npz_index is None else (s.patient, None)
+        for s in loaded.samples
+    ]
     result = recalibrate_scores(
         logits,
         loaded.y,
@@ -441,7 +492,10 @@ def recalibrate_model(
         n_boot=n_boot,
         seed=seed,
     )
-    keys = [s.path.relative_to(data).as_posix() if s.path.is_relative_to(data) else str(s.path) for s in loaded.samples]
+    keys = [
+        s.path.relative_to(data).as_posix() if s.path.is_relative_to(data) else str(s.path)
+        for s in loaded.samples
+    ]
     site = {
         "data": data.name,
         "split": split,
@@ -458,13 +512,30 @@ def recalibrate_model(
     props["model_card"] = json.dumps(new_card)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(with_metadata(raw, props))
-    sidecar = {**new_card, "sha256": sha256_file(out), "file": out.name, "bytes": out.stat().st_size}
+    sidecar = {
+        **new_card,
+        "sha256": sha256_file(out),
+        "file": out.name,
+        "bytes": out.stat().st_size,
+    }
     sidecar_card_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
     original_md = model.with_suffix(".card.md")
-    md = f"# Model card: {card['name']} {card.get('version', '')}, recalibrated for a site\n\n" + render_site_section(new_card)
+    md = (
+        f"# Model card: {card['name']} {card.get('version', '')}, recalibrated for a site\n\n"
+        + render_site_section(new_card)
+    )
     if original_md.is_file():
-        md += "\n## The original model's card (before site recalibration; its threshold, temperature and bias are superseded above)\n\n"
+        md += (
+            "\n## The original model's card (before site recalibration; "
+            "its threshold, temperature and bias are superseded above)\n\n"
+        )
         md += ("\n" + original_md.read_text()).replace("\n#", "\n##")
     out.with_suffix(".card.md").write_text(md)
     Predictor(out, threads=1)  # the file must load as it will be served
-    return {**result, "site": site, "model": str(model), "out": str(out), "sha256": sidecar["sha256"]}
+    return {
+        **result,
+        "site": site,
+        "model": str(model),
+        "out": str(out),
+        "sha256": sidecar["sha256"],
+    }

@@ -260,10 +260,11 @@ def _check_pixel_length(ds: Any, source: bytes | mmap.mmap) -> None:
         declared = elem.length
         if declared == 0xFFFFFFFF:  # undefined length: encapsulated, whatever the syntax says
             return
-        if elem.value is None:  # deferred: left in source
-            present = max(0, min(declared, len(source) - elem.value_tell))
-        else:
-            present = len(elem.value)
+        # Deferred (value None): the pixel data is left where it lies in the upload.
+        value = elem.value
+        present = (
+            max(0, min(declared, len(source) - elem.value_tell)) if value is None else len(value)
+        )
     else:
         present = declared = len(elem.value or b"")
     if present < declared:

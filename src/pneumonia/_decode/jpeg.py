@@ -72,8 +72,7 @@ def _coefficient_bytes(width: int, height: int, layers: list[tuple[int, int, int
     hmax = max((h for _, h, _, _ in layers), default=1) or 1
     vmax = max((v for _, _, v, _ in layers), default=1) or 1
     blocks = sum(
-        math.ceil(width * h / hmax / 8) * math.ceil(height * v / vmax / 8)
-        for _, h, v, _ in layers
+        math.ceil(width * h / hmax / 8) * math.ceil(height * v / vmax / 8) for _, h, v, _ in layers
     )
     return 128 * blocks
 

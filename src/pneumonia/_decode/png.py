@@ -19,7 +19,15 @@ from pneumonia._decode.pillow import gray_reduced, image_bytes, open_image, pill
 #: Samples a pixel has, by IHDR colour type (gray, RGB, palette, gray + alpha, RGBA).
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 #: Adam7 interlacing: (x0, y0, dx, dy) of each of the seven passes.
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
 #: Compressed image data is checked this many bytes at a time, each inflating to at most
 #: ``_INFLATE_STEP`` bytes that are counted and dropped: the check holds no image.
 _FEED_STEP = 1 << 16

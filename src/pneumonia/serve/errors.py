@@ -22,6 +22,7 @@ from pneumonia.serve.schemas import ErrorResponse
 
 log = logging.getLogger("pneumonia.serve")
 
+
 @dataclass(frozen=True)
 class ErrorCode:
     """One stable error code: the HTTP status it answers with and when it is answered.
@@ -132,7 +133,7 @@ ERRORS: dict[str, ErrorCode] = {
             "client_disconnected",
             499,
             "never sent: the client hung up before its upload arrived; the status appears only "
-            "in `/metrics` and the logs (nginx's \"client closed request\"), so that vanished "
+            'in `/metrics` and the logs (nginx\'s "client closed request"), so that vanished '
             "clients do not count as server errors",
         ),
         ErrorCode(

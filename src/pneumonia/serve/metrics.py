@@ -68,7 +68,9 @@ def _service_gauges(svc: Service) -> list[Metric]:
         gauge("pneumonia_ready", "1 once the model is loaded and warmed up.", float(svc.ready)),
         gauge("pneumonia_inference_jobs", "Inference jobs running or waiting.", svc.queue.admitted),
         gauge("pneumonia_inference_running", "Inference jobs running.", svc.queue.running),
-        gauge("pneumonia_inference_capacity", "Most jobs running plus waiting.", svc.queue.capacity),
+        gauge(
+            "pneumonia_inference_capacity", "Most jobs running plus waiting.", svc.queue.capacity
+        ),
         info,
     ]
 
@@ -112,7 +114,10 @@ class Metrics:
             "pneumonia_predictions", "Images classified, by returned label.", ("label",), registry=r
         )
         self._image_errors = Counter(
-            "pneumonia_image_errors", "Uploaded images refused, by error code.", ("code",), registry=r
+            "pneumonia_image_errors",
+            "Uploaded images refused, by error code.",
+            ("code",),
+            registry=r,
         )
         self._input_checks = Counter(
             "pneumonia_input_check",

@@ -58,7 +58,9 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         lo, hi = self.aspect
         if not 0 < lo <= hi or not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:
-            raise ValueError(f"aspect must be 0 < lo <= hi and crop_area within (0, 1], got {self.aspect}, {self.crop_area}")
+            raise ValueError(
+                f"aspect must be 0 < lo <= hi and crop_area within (0, 1], got {self.aspect}, {self.crop_area}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -124,7 +126,9 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     tx = (1 - cw) * _uniform(n, -1, 1, g) + _uniform(n, -cfg.translate, cfg.translate, g) * 2
     ty = (1 - ch) * _uniform(n, -1, 1, g) + _uniform(n, -cfg.translate, cfg.translate, g) * 2
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cw * cos, -cw * sin, tx], 1), torch.stack([ch * sin, ch * cos, ty], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cw * cos, -cw * sin, tx], 1), torch.stack([ch * sin, ch * cos, ty], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # Resolution loss: down and up again.
@@ -146,10 +150,14 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     band = torch.rand(n, generator=g) < cfg.border_prob
     side = torch.randint(0, 4, (n,), generator=g)
     frac = _uniform(n, *cfg.border_frac, g)
-    level = torch.where(torch.rand(n, generator=g) < 0.5, _uniform(n, 0.0, 0.1, g), _uniform(n, 0.85, 1.0, g))
+    level = torch.where(
+        torch.rand(n, generator=g) < 0.5, _uniform(n, 0.0, 0.1, g), _uniform(n, 0.85, 1.0, g)
+    )
     for i in torch.nonzero(band).flatten().tolist():
         k = max(1, round(float(frac[i]) * (h if int(side[i]) < 2 else w)))
-        region = [x[i, :, :k, :], x[i, :, h - k :, :], x[i, :, :, :k], x[i, :, :, w - k :]][int(side[i])]
+        region = [x[i, :, :k, :], x[i, :, h - k :, :], x[i, :, :, :k], x[i, :, :, w - k :]][
+            int(side[i])
+        ]
         region.fill_(float(level[i]))
     # Exposure: gamma (log-uniform), then contrast and brightness around the image mean.
     gam = torch.exp(_uniform(n, math.log(cfg.gamma[0]), math.log(cfg.gamma[1]), g)).view(n, 1, 1, 1)

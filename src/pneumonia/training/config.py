@@ -73,7 +73,9 @@ class TrainConfig:
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
         if not 0.5 <= self.min_sensitivity < 1.0:
             raise ValueError(f"min_sensitivity must be in [0.5, 1), got {self.min_sensitivity}")
         choices = {
@@ -84,10 +86,14 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         # The spec states what the network does to its input; it follows the architecture.
         if self.preprocess.normalization != self.model.normalization:
-            object.__setattr__(self, "preprocess", replace(self.preprocess, normalization=self.model.normalization))
+            object.__setattr__(
+                self, "preprocess", replace(self.preprocess, normalization=self.model.normalization)
+            )
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})

@@ -53,7 +53,9 @@ class SameConv2d(nn.Conv2d):
             # itself (no separate Pad node). Same values; training keeps the explicit pad so
             # that runs stay bit-reproducible across this change.
             kh, kw = self.kernel_size
-            return F.conv2d(x, self.weight, self.bias, 1, (kh // 2, kw // 2), self.dilation, self.groups)
+            return F.conv2d(
+                x, self.weight, self.bias, 1, (kh // 2, kw // 2), self.dilation, self.groups
+            )
         ih, iw = int(x.shape[-2]), int(x.shape[-1])
         kh, kw = self.kernel_size
         sh, sw = self.stride
@@ -71,7 +73,9 @@ def _bn(c: int) -> nn.BatchNorm2d:
 class MBConv(nn.Module):
     """Inverted residual block: 1x1 expand, depthwise kxk, 1x1 project (no squeeze-excitation)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, drop_path: float) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, expand: int, drop_path: float
+    ) -> None:
         super().__init__()
         mid = cin * expand
         self.expand = expand != 1
@@ -129,7 +133,16 @@ class EfficientNetLite0(nn.Module):
             for r in range(s.repeats):
                 # Drop rate grows linearly with depth, as in the original implementation.
                 rate = drop_path * len(blocks) / n_blocks
-                blocks.append(MBConv(s.cin if r == 0 else s.cout, s.cout, s.kernel, s.stride if r == 0 else 1, s.expand, rate))
+                blocks.append(
+                    MBConv(
+                        s.cin if r == 0 else s.cout,
+                        s.cout,
+                        s.kernel,
+                        s.stride if r == 0 else 1,
+                        s.expand,
+                        rate,
+                    )
+                )
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(stages[-1].cout, HEAD_CHANNELS, 1, bias=False)
         self._bn1 = _bn(HEAD_CHANNELS)
@@ -194,6 +207,9 @@ def load_imagenet_weights(net: EfficientNetLite0, path: Path | None = None) -> N
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or extra or bad:
-        raise ValueError(f"ImageNet weights do not match EfficientNet-Lite0: missing {missing[:5]}, unexpected {extra[:5]}, shapes differ {bad[:5]}")
+        raise ValueError(
+            "ImageNet weights do not match EfficientNet-Lite0: missing "
+            f"{missing[:5]}, unexpected {extra[:5]}, shapes differ {bad[:5]}"
+        )
     net.load_state_dict(state, strict=False)
     log.info("loaded %d ImageNet tensors into EfficientNet-Lite0", len(state))

@@ -46,7 +46,9 @@ LIMITATIONS = [
 PARITY_ATOL = 1e-4
 
 
-def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: str, n_params: int) -> dict[str, Any]:
+def _model_card(
+    run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: str, n_params: int
+) -> dict[str, Any]:
     import onnx
     import torch
 
@@ -65,18 +67,29 @@ def _model_card(run_dir: Path, cfg: TrainConfig, calib: dict[str, Any], name: st
             "rule": calib["threshold_rule"],
             "min_sensitivity": calib["min_sensitivity"],
             "description": "highest threshold on calibrated P(PNEUMONIA) whose validation "
-            "sensitivity is at least min_sensitivity" if calib["threshold_rule"] == "min_sensitivity"
+            "sensitivity is at least min_sensitivity"
+            if calib["threshold_rule"] == "min_sensitivity"
             else "Youden's J on validation",
         },
         "temperature": calib["temperature"],
         "bias": calib["bias"],
         "calibration": "temperature and bias fitted on the validation split: p = sigmoid(logit / temperature + bias)",
         "preprocess": cfg.preprocess.to_dict(),
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", *cfg.preprocess.input_shape], "range": list(cfg.preprocess.value_range)},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["N", *cfg.preprocess.input_shape],
+            "range": list(cfg.preprocess.value_range),
+        },
         "outputs": {
             OUTPUT_NAMES_WITH_EMBEDDING[0]: "raw logit of PNEUMONIA, shape (N,)",
-            OUTPUT_NAMES_WITH_EMBEDDING[1]: "class activation map, shape (N, h, w); its spatial mean is the logit",
-            EMBEDDING_OUTPUT: "pooled penultimate features of every member, concatenated, shape (N, D); for the input check",
+            OUTPUT_NAMES_WITH_EMBEDDING[
+                1
+            ]: "class activation map, shape (N, h, w); its spatial mean is the logit",
+            EMBEDDING_OUTPUT: (
+                "pooled penultimate features of every member, "
+                "concatenated, shape (N, D); for the input check"
+            ),
         },
         "architecture": {**cfg.model.to_dict(), "members": len(cfg.seeds), "parameters": n_params},
         "training": {
@@ -114,13 +127,19 @@ def load_run_guard(run_dir: Path) -> FeatureGuard | None:
 
     path = run_dir / GUARD_FILE
     if not path.is_file():
-        log.warning("%s is missing: the model is exported without the feature-space input check "
-                    "(only the image checks will run); run `pneumonia guard fit %s` first", path, run_dir)
+        log.warning(
+            "%s is missing: the model is exported without the feature-space input check "
+            "(only the image checks will run); run `pneumonia guard fit %s` first",
+            path,
+            run_dir,
+        )
         return None
     guard = FeatureGuard.from_dict(json.loads(path.read_text()))
     current = [sha256_file(d / "best.pt") for d in member_dirs(run_dir)]
     if guard.fitted.get("members_sha256") != current:
-        raise ValueError(f"{path} was fitted on other checkpoints than the run's; rerun `pneumonia guard fit {run_dir}`")
+        raise ValueError(
+            f"{path} was fitted on other checkpoints than the run's; rerun `pneumonia guard fit {run_dir}`"
+        )
     return guard
 
 
@@ -152,10 +171,14 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     name = name or f"pneumonia-{cfg.model.arch}"
     card = _model_card(run_dir, cfg, calib, name, n_params)
     guard = load_run_guard(run_dir)
-    card["input_check"] = guard.summary() if guard is not None else {
-        "method": "image checks only (no fitted feature statistics)",
-        "image_checks": image_check_limits(),
-    }
+    card["input_check"] = (
+        guard.summary()
+        if guard is not None
+        else {
+            "method": "image checks only (no fitted feature statistics)",
+            "image_checks": image_check_limits(),
+        }
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, *cfg.preprocess.input_shape)
@@ -210,7 +233,13 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     )
     if err > PARITY_ATOL:
         raise RuntimeError(f"ONNX export disagrees with PyTorch by {err:.2e} (> {PARITY_ATOL})")
-    log.info("exported %s (%d bytes, sha256 %s, parity %.1e)", out, sidecar["bytes"], sidecar["sha256"][:12], err)
+    log.info(
+        "exported %s (%d bytes, sha256 %s, parity %.1e)",
+        out,
+        sidecar["bytes"],
+        sidecar["sha256"][:12],
+        err,
+    )
     return sidecar
 
 
@@ -235,11 +264,16 @@ def _stress_lines(stress: dict[str, Any] | None) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, r in stress["perturbations"].items():
-        lines.append(f"| {name} | {_fmt(r['auc'])} | {_fmt(r['sensitivity'], 3)} | {_fmt(r['specificity'], 3)} | {_fmt(r['fpr_normals'], 3)} |")
+        lines.append(
+            f"| {name} | {_fmt(r['auc'])} | {_fmt(r['sensitivity'], 3)} | "
+            f"{_fmt(r['specificity'], 3)} | {_fmt(r['fpr_normals'], 3)} |"
+        )
     w = stress["worst"]
     lines += [
         "",
-        "Worst case: " + ", ".join(f"{k} {_fmt(v['value'], 3)} ({v['perturbation']})" for k, v in w.items()) + ".",
+        "Worst case: "
+        + ", ".join(f"{k} {_fmt(v['value'], 3)} ({v['perturbation']})" for k, v in w.items())
+        + ".",
         "",
     ]
     return lines
@@ -274,7 +308,13 @@ def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         "|---|---|---|---|---|",
     ]
     for label, r in rows:
-        lines.append("| " + " | ".join([label] + [_fmt(r[k], 3) for k in ("auc", "accuracy", "sensitivity", "specificity")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [label] + [_fmt(r[k], 3) for k in ("auc", "accuracy", "sensitivity", "specificity")]
+            )
+            + " |"
+        )
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in REFERENCES]
     return "\n".join(lines) + "\n"
 
@@ -292,7 +332,10 @@ def _shortcut_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     """The training data's shortcut check (``pneumonia data audit``); absent in older runs."""
     if not rows:
         return []
-    cells = [f"{r['statistic']} {_fmt(r['auc'], 2)}{' **(warning)**' if r['warning'] else ''}" for r in rows]
+    cells = [
+        f"{r['statistic']} {_fmt(r['auc'], 2)}{' **(warning)**' if r['warning'] else ''}"
+        for r in rows
+    ]
     return [
         "- Shortcut check (ROC-AUC of one nuisance statistic alone as a PNEUMONIA score, folded to >= 0.5; "
         f"warning above 0.7; `pneumonia data audit`): {', '.join(cells)}."
@@ -317,6 +360,8 @@ def render_model_card(
     data = card["training"]["data"]
     pp = card["preprocess"]
     arch = card["architecture"]
+    medmnist = data.get("split") == "medmnist-val"
+    val_name = "MedMNIST val split" if medmnist else "patient-grouped split of train"
     lines = [
         f"# Model card: {card['name']} {card['version']}",
         "",
@@ -329,13 +374,16 @@ def render_model_card(
         "## Model",
         f"- File: `{card.get('file', '?')}`, sha256 `{card.get('sha256', '?')}`",
         f"- Architecture: {_describe_arch(arch)}, ensemble of {arch['members']}, "
-        f"{arch['parameters']:,} parameters; global average pooling and a linear head (class activation maps without gradients).",
+        f"{arch['parameters']:,} parameters; global average pooling "
+        "and a linear head (class activation maps without gradients).",
         f"- Input: {pp['size']}x{pp['size']} grayscale, float32 in {pp['value_range']}, aspect ratio {pp['resize']}ed, "
         f"{pp['interpolation']} resampling; {pp['normalization']}.",
-        f"- Output: calibrated P(PNEUMONIA) = sigmoid(logit / {card['temperature']:.4f} + {card['bias']:.4f}) (temperature and bias "
+        "- Output: calibrated P(PNEUMONIA) = sigmoid(logit / "
+        f"{card['temperature']:.4f} + {card['bias']:.4f}) (temperature and bias "
         "fitted on validation; the bias restores the class prior that class-weighted training removes).",
         f"- Operating threshold: **{card['threshold']:.4f}**; rule: {card['threshold_rule']['description']} "
-        f"(min_sensitivity = {card['threshold_rule'].get('min_sensitivity')}). Chosen before any test-set figure was seen.",
+        f"(min_sensitivity = {card['threshold_rule'].get('min_sensitivity')}). "
+        "Chosen before any test-set figure was seen.",
         "",
         "## Training data",
         "- Source: Kermany et al. 2018 pediatric chest X-rays (CC BY 4.0), training folder only.",
@@ -344,7 +392,7 @@ def render_model_card(
         f"- Unreadable files skipped: {len(data['skipped'])}.",
         *_shortcut_lines(data.get("shortcuts")),
         "",
-        f"## Validation metrics ({'MedMNIST val split' if data.get('split') == 'medmnist-val' else 'patient-grouped split of train'}; used to choose everything)",
+        f"## Validation metrics ({val_name}; used to choose everything)",
         "| metric | value |",
         "|---|---|",
         *[f"| {k} | {_fmt(x)} |" for k, x in v.items()],
@@ -359,7 +407,21 @@ def render_model_card(
             rows.append(("Logistic-regression baseline (same code)", baseline))
         cm = test["confusion_matrix"]
         lo, hi = test["auc_ci95"] or (None, None)
-        f = {k: _fmt(test[k]) for k in ("auc", "threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "ece")}
+        f = {
+            k: _fmt(test[k])
+            for k in (
+                "auc",
+                "threshold",
+                "accuracy",
+                "sensitivity",
+                "specificity",
+                "ppv",
+                "npv",
+                "f1",
+                "brier",
+                "ece",
+            )
+        }
         lines += [
             f"## Held-out evaluation: {test['n']} images never used for any choice",
             f"ROC-AUC {f['auc']} (95% bootstrap CI {_fmt(lo)}-{_fmt(hi)}); at threshold {f['threshold']}: "
@@ -383,7 +445,10 @@ def input_check_section(check: dict[str, Any] | None) -> list[str]:
     """The card's account of the input check: how it was fitted, its thresholds and measured rates."""
     lines = ["## Input check (refuses what is not a chest X-ray)"]
     if not check:
-        lines += ["This model was exported before the input check existed: every image is classified.", ""]
+        lines += [
+            "This model was exported before the input check existed: every image is classified.",
+            "",
+        ]
         return lines
     limits = check.get("image_checks", {})
     lines += [
@@ -393,7 +458,11 @@ def input_check_section(check: dict[str, Any] | None) -> list[str]:
         "of the image in one flat tone is refused as not a chest X-ray.",
     ]
     if "flag_distance" not in check:
-        lines += ["No feature statistics were fitted for this model (`pneumonia guard fit` was not run): only the image checks apply.", ""]
+        lines += [
+            "No feature statistics were fitted for this model (`pneumonia "
+            "guard fit` was not run): only the image checks apply.",
+            "",
+        ]
         return lines
     q = check.get("validation_distance_quantiles", {})
     lines += [
@@ -408,8 +477,10 @@ def input_check_section(check: dict[str, Any] | None) -> list[str]:
     ]
     measured = check.get("measured")
     if measured:
-        lines.append(f"- Measured ({measured.get('command', 'benchmarks/bench_guard.py')}): " + "; ".join(
-            f"{k}: {v}" for k, v in measured.items() if k != "command"))
+        lines.append(
+            f"- Measured ({measured.get('command', 'benchmarks/bench_guard.py')}): "
+            + "; ".join(f"{k}: {v}" for k, v in measured.items() if k != "command")
+        )
     lines += [
         "- It is a screen, not a guarantee: an unusual film can be flagged or refused, and an image "
         "that is not a chest X-ray can pass. Operators can turn refusal into a flag (`INPUT_CHECK=flag`).",

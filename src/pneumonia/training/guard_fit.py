@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 CHUNK = 256
 
 
-def run_split(run_dir: Path, data_root: Path | None = None) -> tuple[list[Sample], list[Sample], Path, str]:
+def run_split(
+    run_dir: Path, data_root: Path | None = None
+) -> tuple[list[Sample], list[Sample], Path, str]:
     """The run's training and validation films, as its training drew them.
 
     Raises:
@@ -45,11 +47,16 @@ def run_split(run_dir: Path, data_root: Path | None = None) -> tuple[list[Sample
     recorded = data.get("validation_patients")
     # The run records the patients of the films it could read; every one must be drawn again.
     if recorded is not None and not set(recorded) <= {s.patient for s in val}:
-        raise ValueError(f"the validation split drawn from {root} is not the one {run_dir} recorded; pass the run's training data with --data")
+        raise ValueError(
+            f"the validation split drawn from {root} is not the one "
+            f"{run_dir} recorded; pass the run's training data with --data"
+        )
     return train, val, root, split.description
 
 
-def embed_samples(net: Any, samples: Sequence[Sample], spec: PreprocessSpec, progress: bool = False) -> np.ndarray:
+def embed_samples(
+    net: Any, samples: Sequence[Sample], spec: PreprocessSpec, progress: bool = False
+) -> np.ndarray:
     """Pooled features (N, D) of the readable films among ``samples``, through the shared preprocessing."""
     import torch
 
@@ -102,6 +109,11 @@ def fit_run_guard(
         },
     )
     (run_dir / GUARD_FILE).write_text(json.dumps(guard.to_dict()) + "\n")
-    log.info("input check fitted on %d training films, thresholds from %d validation films: flag at %.3f, refuse at %.3f",
-             len(train_f), len(val_f), guard.flag_distance, guard.refuse_distance)
+    log.info(
+        "input check fitted on %d training films, thresholds from %d validation films: flag at %.3f, refuse at %.3f",
+        len(train_f),
+        len(val_f),
+        guard.flag_distance,
+        guard.refuse_distance,
+    )
     return guard

@@ -110,16 +110,22 @@ class StressedScores:
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """(labels, logits) of every perturbation together, clean included."""
         names = list(self.logits)
-        return np.concatenate([self.y] * len(names)), np.concatenate([self.logits[k] for k in names])
+        return np.concatenate([self.y] * len(names)), np.concatenate(
+            [self.logits[k] for k in names]
+        )
 
 
-def perturbed_batches(x: np.ndarray, name: str, seed: int, batch_size: int = 128) -> list[torch.Tensor]:
+def perturbed_batches(
+    x: np.ndarray, name: str, seed: int, batch_size: int = 128
+) -> list[torch.Tensor]:
     """The validation inputs under perturbation ``name``, in batches; deterministic for ``seed``."""
     g = torch.Generator().manual_seed(seed)
     fn = PERTURBATIONS[name]
     out = []
     for i in range(0, len(x), batch_size):
-        out.append(fn(torch.from_numpy(x[i : i + batch_size]).float(), g).clamp(0.0, 1.0).contiguous())
+        out.append(
+            fn(torch.from_numpy(x[i : i + batch_size]).float(), g).clamp(0.0, 1.0).contiguous()
+        )
     return out
 
 
@@ -130,12 +136,16 @@ def stressed_logits(
     logits = {}
     with torch.no_grad():
         for name in PERTURBATIONS:
-            parts = [predict(b).detach().cpu().double().numpy() for b in perturbed_batches(x, name, seed)]
+            parts = [
+                predict(b).detach().cpu().double().numpy() for b in perturbed_batches(x, name, seed)
+            ]
             logits[name] = np.concatenate(parts) if parts else np.zeros(0)
     return StressedScores(np.asarray(y), logits)
 
 
-def stressed_report(y: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
+def stressed_report(
+    y: np.ndarray, probs: dict[str, np.ndarray], threshold: float
+) -> dict[str, Any]:
     """AUC, sensitivity, specificity and normals' false-positive rate per perturbation, and the worst case."""
     rows: dict[str, dict[str, Any]] = {}
     for name, p in probs.items():
@@ -146,7 +156,9 @@ def stressed_report(y: np.ndarray, probs: dict[str, np.ndarray], threshold: floa
             "sensitivity": m["sensitivity"],
             "specificity": spec,
             "fpr_normals": None if spec is None else 1.0 - spec,
-            "balanced_accuracy": None if spec is None or m["sensitivity"] is None else (spec + m["sensitivity"]) / 2,
+            "balanced_accuracy": None
+            if spec is None or m["sensitivity"] is None
+            else (spec + m["sensitivity"]) / 2,
         }
 
     def worst(key: str, fn: Callable[[list[float]], float]) -> dict[str, Any]:

@@ -75,7 +75,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU; use --device auto or cpu")
+        raise ValueError(
+            "device 'cuda' was asked for, but torch sees no CUDA GPU; use --device auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -85,7 +87,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 128) -> np.ndarray:
+def predict_logits(
+    model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 128
+) -> np.ndarray:
     """Raw logits for a stack of preprocessed images, in eval mode, on the model's device."""
     model.eval()
     dev = _device_of(model)
@@ -116,7 +120,10 @@ def _rng_states(g: torch.Generator) -> dict[str, Any]:
         "generator": g.get_state(),
         "torch": torch.get_rng_state(),  # dropout
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {**np_state, "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()}},
+        "numpy": {
+            **np_state,
+            "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()},
+        },
         "python": random.getstate(),
     }
 
@@ -196,7 +203,9 @@ def train_member(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(batches, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+            bar = tqdm(
+                batches, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False
+            )
         running = 0.0
         for b in bar if bar is not None else batches:
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -217,7 +226,11 @@ def train_member(
             bar.close()
         val_logits = predict_logits(model, val.x)
         val_auc = roc_auc(val.y, val_logits)
-        val_loss = float(_balanced_bce(torch.from_numpy(val_logits), torch.from_numpy(val.y.astype(np.float64)), pos_weight))
+        val_loss = float(
+            _balanced_bce(
+                torch.from_numpy(val_logits), torch.from_numpy(val.y.astype(np.float64)), pos_weight
+            )
+        )
         row = {
             "epoch": epoch,
             "train_loss": running / steps_per_epoch,
@@ -286,7 +299,9 @@ def load_member(path: Path) -> nn.Module:
     return model
 
 
-def _inference_fn(model: nn.Module, input_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _inference_fn(
+    model: nn.Module, input_shape: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits of a batch: through onnxruntime on the CPU (several times faster than torch's
     eager CPU kernels for EfficientNet, and the runtime that serves the model), on the GPU
     with torch."""
@@ -300,13 +315,21 @@ def _inference_fn(model: nn.Module, input_shape: tuple[int, ...]) -> Callable[[t
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "member.onnx"
         torch.onnx.export(
-            model, (torch.rand(2, *input_shape),), str(path), input_names=["image"], output_names=["logit"],
-            dynamic_axes={"image": {0: "N"}, "logit": {0: "N"}}, opset_version=17, dynamo=False,
+            model,
+            (torch.rand(2, *input_shape),),
+            str(path),
+            input_names=["image"],
+            output_names=["logit"],
+            dynamic_axes={"image": {0: "N"}, "logit": {0: "N"}},
+            opset_version=17,
+            dynamo=False,
         )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
     return lambda b: torch.from_numpy(sess.run(["logit"], {"image": b.numpy()})[0])
 
 
@@ -314,13 +337,17 @@ def ensemble_stressed(members: list[nn.Module], val: LoadedImages, seed: int) ->
     """The stressed validation of the members' averaged logits."""
     shape = tuple(val.x.shape[1:])
     scores = [stressed_logits(_inference_fn(m, shape), val.x, val.y, seed) for m in members]
-    return StressedScores(val.y, {k: np.mean([s.logits[k] for s in scores], axis=0) for k in scores[0].logits})
+    return StressedScores(
+        val.y, {k: np.mean([s.logits[k] for s in scores], axis=0) for k in scores[0].logits}
+    )
 
 
 def member_dirs(run_dir: Path) -> list[Path]:
     dirs = sorted(p for p in run_dir.glob("member-*") if (p / CHECKPOINT).is_file())
     if not dirs:
-        raise FileNotFoundError(f"{run_dir} holds no member-*/{CHECKPOINT}; is it a training run folder?")
+        raise FileNotFoundError(
+            f"{run_dir} holds no member-*/{CHECKPOINT}; is it a training run folder?"
+        )
     return dirs
 
 
@@ -361,9 +388,17 @@ def train(
         "shortcuts": shortcut_table(train_s + val_s, progress=progress),
     }
     atomic.write_text(out / "data.json", json.dumps(data_summary, indent=1) + "\n")
-    log.info("train %s, validation %s, skipped %d", data_summary["train"], data_summary["validation"], len(data_summary["skipped"]))
+    log.info(
+        "train %s, validation %s, skipped %d",
+        data_summary["train"],
+        data_summary["validation"],
+        len(data_summary["skipped"]),
+    )
 
-    results = [train_member(cfg, seed, train_d, val_d, out / f"member-{seed}", progress, resume) for seed in cfg.seeds]
+    results = [
+        train_member(cfg, seed, train_d, val_d, out / f"member-{seed}", progress, resume)
+        for seed in cfg.seeds
+    ]
     members = [
         {"seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "val_loss": r.val_loss}
         for r in results
@@ -375,7 +410,9 @@ def train(
     return _write_calibration(cfg, out, val_d, stressed, members, summary)
 
 
-def pick_threshold(cfg: TrainConfig, y: np.ndarray, prob: np.ndarray, pooled_y: np.ndarray, pooled_prob: np.ndarray) -> float:
+def pick_threshold(
+    cfg: TrainConfig, y: np.ndarray, prob: np.ndarray, pooled_y: np.ndarray, pooled_prob: np.ndarray
+) -> float:
     """The operating threshold by ``cfg.threshold_rule`` (see :class:`TrainConfig`)."""
     if cfg.threshold_rule != "stressed_youden":
         return choose_threshold(y, prob, cfg.threshold_rule, cfg.min_sensitivity)
@@ -403,7 +440,9 @@ def _write_calibration(
     pooled_prob = calibrated_probability(pooled_logits, temperature, bias)
     threshold = pick_threshold(cfg, val_d.y, prob, pooled_y, pooled_prob)
     stress = stressed_report(
-        val_d.y, {k: calibrated_probability(z, temperature, bias) for k, z in stressed.logits.items()}, threshold
+        val_d.y,
+        {k: calibrated_probability(z, temperature, bias) for k, z in stressed.logits.items()},
+        threshold,
     )
     stress["pooled"] = {
         "nll": nll(pooled_logits, pooled_y, temperature, bias),
@@ -465,7 +504,14 @@ def calibrate_run(run_dir: Path, data_root: Path | None = None, **overrides: Any
         ckpt = torch.load(d / CHECKPOINT, map_location="cpu", weights_only=True)
         rows = {r["epoch"]: r for r in json.loads((d / "history.json").read_text())}
         best = rows.get(ckpt["epoch"], {})
-        members.append({"seed": ckpt["seed"], "best_epoch": ckpt["epoch"], "val_auc": best.get("val_auc"), "val_loss": best.get("val_loss")})
+        members.append(
+            {
+                "seed": ckpt["seed"],
+                "best_epoch": ckpt["epoch"],
+                "val_auc": best.get("val_auc"),
+                "val_loss": best.get("val_loss"),
+            }
+        )
         nets.append(load_member(d / CHECKPOINT).to(device))
     cfg.save(run_dir / "config.json")
     summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
