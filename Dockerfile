@@ -18,7 +18,8 @@ RUN /opt/venv/bin/pip install .
 # each name is skipped once the package no longer depends on it), the test suites that
 # wheels ship, type stubs, build tooling (numpy's distutils and f2py; onnxruntime's
 # transformer fusion, quantization and conversion tools: an InferenceSession imports none of
-# it), and last pip and setuptools. Compiled .pyc files stay: they spare every cold start at
+# it), pydicom's sample DICOM files (3 MB, read only by its get_testdata_file), and last pip
+# and setuptools. Compiled .pyc files stay: they spare every cold start at
 # 0.1 CPU the compiling of the whole import chain.
 RUN /opt/venv/bin/pip uninstall -y -q matplotlib contourpy cycler fonttools kiwisolver pyparsing \
         python-dateutil six \
@@ -26,7 +27,7 @@ RUN /opt/venv/bin/pip uninstall -y -q matplotlib contourpy cycler fonttools kiwi
     && find . -depth -type d -name tests -exec rm -rf {} + \
     && find . -name '*.pyi' -delete \
     && rm -rf numpy/distutils numpy/f2py onnxruntime/transformers onnxruntime/quantization \
-        onnxruntime/tools onnxruntime/datasets \
+        onnxruntime/tools onnxruntime/datasets pydicom/data/test_files \
     && /opt/venv/bin/pip uninstall -y -q pip setuptools
 
 FROM python:3.11-slim
