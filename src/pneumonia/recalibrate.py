@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 
 from pneumonia.calibration import calibrated_probability, fit_calibration
-from pneumonia.evaluate import choose_threshold, expected_calibration_error, roc_auc
+from pneumonia.evaluate import (
+    capped_youden_threshold,
+    choose_threshold,
+    expected_calibration_error,
+    roc_auc,
+)
 from pneumonia.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -57,10 +62,7 @@ METRICS = ("sensitivity", "specificity", "accuracy", "ppv", "npv", "brier", "ece
 def site_threshold(y: np.ndarray, p: np.ndarray, rule: str, min_sensitivity: float) -> float:
     """The threshold by a site rule (see :data:`RULE_DESCRIPTIONS`)."""
     if rule == "stressed_youden":
-        return min(
-            choose_threshold(y, p, "youden"),
-            choose_threshold(y, p, "min_sensitivity", min_sensitivity),
-        )
+        return capped_youden_threshold(y, p, min_sensitivity)
     if rule not in SITE_RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; expected one of {SITE_RULES}")
     return choose_threshold(y, p, rule, min_sensitivity)

@@ -39,6 +39,7 @@ from pneumonia.calibration import calibrated_probability, fit_calibration, nll
 from pneumonia.data import LoadedImages, class_counts, load_images, train_val_split
 from pneumonia.evaluate import (
     brier,
+    capped_youden_threshold,
     choose_threshold,
     expected_calibration_error,
     roc_auc,
@@ -416,9 +417,7 @@ def pick_threshold(
     """The operating threshold by ``cfg.threshold_rule`` (see :class:`TrainConfig`)."""
     if cfg.threshold_rule != "stressed_youden":
         return choose_threshold(y, prob, cfg.threshold_rule, cfg.min_sensitivity)
-    balanced = choose_threshold(pooled_y, pooled_prob, "youden")
-    # Never above the highest threshold that keeps the clean sensitivity within budget.
-    return min(balanced, choose_threshold(y, prob, "min_sensitivity", cfg.min_sensitivity))
+    return capped_youden_threshold(y, prob, cfg.min_sensitivity, pooled_y, pooled_prob)
 
 
 def _write_calibration(
