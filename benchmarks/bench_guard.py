@@ -45,10 +45,10 @@ def log(msg: str) -> None:
 
 def outcomes(
     predictor: Predictor, files: list[Path], batch: int = 32
-) -> tuple[list[str], list[float | None]]:
-    """Each file's outcome (or ``error:<code>``) and score."""
+) -> tuple[list[str], list[tuple[float | None, float | None]]]:
+    """Each file's outcome (or ``error:<code>``), score and refusal score."""
     out: list[str] = [""] * len(files)
-    scores: list[float | None] = [None] * len(files)
+    scores: list[tuple[float | None, float | None]] = [(None, None)] * len(files)
     for start in range(0, len(files), batch):
         idx, prepared = [], []
         for i in range(start, min(len(files), start + batch)):
@@ -67,7 +67,7 @@ def outcomes(
             strict=True,
         ):
             assert p.check is not None
-            out[i], scores[i] = p.check.outcome, p.check.score
+            out[i], scores[i] = p.check.outcome, (p.check.score, p.check.refusal_score)
     return out, scores
 
 
@@ -103,7 +103,11 @@ def cost(predictor: Predictor, prepared: list[Prepared], repeats: int = 3) -> di
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     g = predictor.guard
-    held = 0 if g is None else g.mean.nbytes + g.components.nbytes + g.variances.nbytes
+    held = sum(
+        q.mean.nbytes + q.components.nbytes + q.variances.nbytes
+        for q in ((g.head, g.mid) if g is not None else ())
+        if q is not None
+    )
     return {
         "ms_per_image": best * 1000,
         "peak_bytes_per_check": float(peak),
@@ -156,7 +160,7 @@ def main() -> int:
                 [r for f, r in zip(files, res, strict=True) if f"_{version}." in f.name]
             )
         per_file.update(
-            {f"{kind}/{f.name}": [r, s] for f, r, s in zip(files, res, scores, strict=True)}
+            {f"{kind}/{f.name}": [r, *s] for f, r, s in zip(files, res, scores, strict=True)}
         )
         log(f"{kind}: {report['kinds'][kind]['refused']}/{len(files)} refused")
     report["kinds"]["all"] = rates(all_nonxray)
@@ -178,6 +182,11 @@ def main() -> int:
         report["films"][name]["refused_files"] = [
             str(f) for f, r in zip(files, res, strict=True) if r == NOT_A_CHEST_XRAY
         ]
+        refusal = [s[1] for s in scores if s[1] is not None]
+        if refusal:  # how close the films come to being refused (1.0: refused)
+            report["films"][name]["refusal_score_quantiles"] = {
+                q: float(np.quantile(refusal, float(q))) for q in ("0.5", "0.99", "1.0")
+            }
         log(
             f"{name} films: {report['films'][name]['refused']} refused, "
             f"{report['films'][name]['flagged']} flagged of {len(files)}"

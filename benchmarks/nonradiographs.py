@@ -12,9 +12,17 @@ Kinds (each image saved in a colour and a gray version, as JPEG and as PNG):
 - gradient:   linear and radial ramps;
 - noise:      Gaussian, uniform, salt-and-pepper and smoothed (blob) noise.
 
+A second, separate **development** set (``--set dev``) is what the input check's design was
+judged on, so that the set above stays an evaluation set: other files found on this machine
+(matplotlib's sample photos, the Adwaita icon theme, images in installed documentation, the
+evaluation plots), dead-leaves images (occluding discs, the classic model of natural-image
+statistics), 1/f noise, maps, and tables and two-column pages in other layouts. Files that a
+machine lacks are skipped, so its counts can differ between machines.
+
 Usage::
 
     .venv/bin/python benchmarks/nonradiographs.py --out runs/nonradiographs [--model M.onnx]
+    .venv/bin/python benchmarks/nonradiographs.py --set dev --out runs/nonradiographs-dev
 
 (``--model`` is the model the screenshot server loads; any exported model will do.) Writes
 ``OUT/<kind>/<name>_<colour|gray>.<jpg|png>`` and prints how many of each kind it wrote.
@@ -304,16 +312,126 @@ def _versions(img: np.ndarray) -> Iterator[tuple[str, Image.Image]]:
     yield "gray", gray
 
 
-def build(out: Path, model: Path | None = None, film: Path | None = None) -> Counter[str]:
+DEV_GLOBS = {
+    "icon": ("/usr/share/icons/Adwaita/512x512/*/*.png",),
+    "diagram": (
+        "/usr/share/doc/*/*/doc_img/*.png",
+        "/usr/share/doc/*/*.png",
+        str(REPO / "artifacts/eval/plots/*.png"),
+        str(REPO / ".venv/lib/python3*/site-packages/networkx/drawing/tests/baseline/*.png"),
+    ),
+}
+
+
+def _flatten(img: Image.Image, background: int) -> np.ndarray:
+    rgba = img.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (background, background, background, 255))
+    return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"))
+
+
+def dev_files(kind: str, limit: int = 40) -> Iterator[tuple[str, np.ndarray]]:
+    """Up to ``limit`` images of ``kind`` found on this machine (every 3rd match, sorted)."""
+    import glob
+
+    found = sorted({p for g in DEV_GLOBS[kind] for p in glob.glob(g)})[::3][:limit]
+    for i, path in enumerate(found):
+        try:
+            with Image.open(path) as img:
+                yield f"{kind}_{i:02d}_{Path(path).stem}", _flatten(img, 255 if i % 2 else 0)
+        except OSError as exc:
+            log(f"{path}: {type(exc).__name__}, skipped")
+
+
+def dev_photos() -> Iterator[tuple[str, np.ndarray]]:
+    """matplotlib's sample photos and rasters (not used by the evaluation set)."""
+    from matplotlib import cbook
+
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"):
+        with Image.open(cbook.get_sample_data(name)) as img:
+            yield f"mpl_{name.split('.')[0]}", _flatten(img, 255)
+    for name in ("jacksboro_fault_dem.npz", "topobathy.npz"):
+        d = cbook.get_sample_data(name)  # an NpzFile: matplotlib loads .npz itself
+        a = np.asarray(d[d.files[0]], dtype=np.float64)
+        a = (255 * (a - a.min()) / max(1e-9, float(np.ptp(a)))).astype(np.uint8)
+        yield f"mpl_map_{name.split('.')[0]}", a
+
+
+def dead_leaves(n: int = 12, size: int = 400) -> Iterator[tuple[str, np.ndarray]]:
+    """Occluding discs of random colour with a power-law size distribution."""
+    rng = np.random.default_rng(12345)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        img = np.zeros((size, size, 3), np.uint8)
+        for _ in range(3000):
+            r = size * 0.003 / rng.random() ** 0.5
+            cx, cy = rng.random(2) * size
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+        yield f"deadleaves_{i}", img
+
+
+def pink_noise(n: int = 8, size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+    """Noise with a 1/f^a spectrum, a from 1 to 2.4 (natural images sit near 2)."""
+    rng = np.random.default_rng(54321)
+    f = np.fft.fftfreq(size)
+    radius = np.maximum(np.hypot(*np.meshgrid(f, f)), 1 / size)
+    for i in range(n):
+        amp = radius ** -(1 + 0.2 * i)
+        chans = [
+            np.real(np.fft.ifft2(amp * np.exp(2j * np.pi * rng.random((size, size)))))
+            for _ in range(3)
+        ]
+        img = np.stack([255 * (c - c.min()) / np.ptp(c) for c in chans], axis=-1)
+        yield f"pinknoise_{i}", img.astype(np.uint8)
+
+
+def tables(n: int = 8) -> Iterator[tuple[str, np.ndarray]]:
+    """Ruled tables of numbers and two-column pages of word-like strings; every 4th in dark mode."""
+    rng = np.random.default_rng(777)
+    font = ImageFont.load_default()
+    for i in range(n):
+        dark = i % 4 == 3
+        im = Image.new("RGB", (600, 800), (30, 30, 30) if dark else (250, 250, 245))
+        d = ImageDraw.Draw(im)
+        ink = (220, 220, 220) if dark else (20, 20, 20)
+        if i % 2 == 0:
+            for r in range(25):
+                for c in range(4):
+                    box = (20 + c * 140, 20 + r * 30, 20 + (c + 1) * 140, 50 + r * 30)
+                    d.rectangle(box, outline=ink)
+                    d.text(
+                        (box[0] + 5, box[1] + 8), str(rng.integers(0, 9999)), fill=ink, font=font
+                    )
+        else:
+            for r in range(60):
+                for col in range(2):
+                    words = " ".join("x" * int(rng.integers(2, 8)) for _ in range(5))
+                    d.text((20 + col * 300, 15 + r * 13), words, fill=ink, font=font)
+        yield f"table_{i}", np.asarray(im)
+
+
+def build(
+    out: Path, model: Path | None = None, film: Path | None = None, which: str = "eval"
+) -> Counter[str]:
     """Write every kind's images under ``out``; returns the count per kind."""
-    sources: dict[str, Callable[[], Iterator[tuple[str, np.ndarray]]]] = {
-        "photo": photos,
-        "page": pages,
-        "screenshot": lambda: screenshots(model, film),
-        "uniform": uniforms,
-        "gradient": gradients,
-        "noise": noises,
-    }
+    sources: dict[str, Callable[[], Iterator[tuple[str, np.ndarray]]]] = (
+        {
+            "photo": photos,
+            "page": pages,
+            "screenshot": lambda: screenshots(model, film),
+            "uniform": uniforms,
+            "gradient": gradients,
+            "noise": noises,
+        }
+        if which == "eval"
+        else {
+            "photo": dev_photos,
+            "icon": lambda: dev_files("icon"),
+            "diagram": lambda: dev_files("diagram"),
+            "deadleaves": dead_leaves,
+            "pinknoise": pink_noise,
+            "table": tables,
+        }
+    )
     counts: Counter[str] = Counter()
     for kind, source in sources.items():
         folder = out / kind
@@ -335,10 +453,16 @@ def main() -> int:
         help="model the screenshot server loads (default: $MODEL_PATH or shipped)",
     )
     ap.add_argument("--film", type=Path, help="a chest film to upload for the result screenshots")
+    ap.add_argument(
+        "--set",
+        choices=("eval", "dev"),
+        default="eval",
+        help="the evaluation set (default) or the separate development set",
+    )
     a = ap.parse_args()
-    counts = build(a.out, a.model, a.film)
-    for kind in KINDS:
-        print(f"{kind}: {counts[kind]}")
+    counts = build(a.out, a.model, a.film, a.set)
+    for kind, n in counts.items():
+        print(f"{kind}: {n}")
     return 0
 
 

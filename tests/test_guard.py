@@ -24,6 +24,7 @@ from pneumonia.guard import (
     TYPICAL,
     UNLIKE_TRAINING,
     FeatureGuard,
+    Ppca,
     fit_feature_guard,
     image_reasons,
 )
@@ -111,31 +112,92 @@ def test_colour_is_counted_before_the_gray_conversion_and_a_gray_film_saved_as_r
     np.testing.assert_array_equal(gray, np.asarray(img, dtype=np.float32) / 255)
 
 
-def test_feature_guard_flags_unusual_and_refuses_far_features_and_round_trips() -> None:
-    rng = np.random.default_rng(0)
-    basis = rng.normal(size=(8, 40))
-    train = rng.normal(size=(400, 8)) @ basis + 0.1 * rng.normal(size=(400, 40))
-    val = rng.normal(size=(200, 8)) @ basis + 0.1 * rng.normal(size=(200, 40))
-    g = fit_feature_guard(train, val, components=8, fitted={"fitted_on": "synthetic"})
-    assert g.fitted["n_train"] == 400 and g.refuse_distance == pytest.approx(2 * g.flag_distance)
-    d_val = g.distance(val)
-    assert (d_val > g.flag_distance).mean() <= 0.01 and g.fitted["validation_flagged"] <= 0.01
-    # A point 1.5 flag distances out, off the training films' principal directions: flagged.
-    u = rng.normal(size=40)
+def _features(rng: np.random.Generator, n: int, basis: np.ndarray) -> np.ndarray:
+    return rng.normal(size=(n, basis.shape[0])) @ basis + 0.1 * rng.normal(size=(n, basis.shape[1]))
+
+
+def _off_axis(g: Ppca, rng: np.random.Generator, distance: float) -> np.ndarray:
+    """A point ``distance`` (in Ppca.distance units) from the mean, off its principal directions."""
+    u = rng.normal(size=g.dim)
     u -= g.components.T @ (g.components @ u)
     u /= np.linalg.norm(u)
-    unusual = g.mean + 1.5 * g.flag_distance * np.sqrt(40 * g.residual_variance) * u
+    out: np.ndarray = g.mean + distance * np.sqrt(g.dim * g.residual_variance) * u
+    return out
+
+
+def test_format1_guard_flags_unusual_and_refuses_far_features_and_round_trips() -> None:
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 40))
+    train, val = _features(rng, 400, basis), _features(rng, 200, basis)
+    g = fit_feature_guard(train, val, components=8, fitted={"fitted_on": "synthetic"})
+    assert g.mid is None and g.dim == 40
+    assert g.fitted["n_train"] == 400 and g.refuse_distance == pytest.approx(2 * g.flag_distance)
+    d_val = g.head.distance(val)
+    assert (d_val > g.flag_distance).mean() <= 0.01 and g.fitted["validation_flagged"] <= 0.01
+    # A point 1.5 flag distances out, off the training films' principal directions: flagged.
+    unusual = _off_axis(g.head, rng, 1.5 * g.flag_distance)
     far = 20 * rng.normal(size=(5, 40))
     typical = val[d_val < g.flag_distance][:5]
     checks = g.check(np.concatenate([typical, unusual[None], far]), [[]] * 11)
     assert [c.outcome for c in checks] == [TYPICAL] * 5 + [UNLIKE_TRAINING] + [NOT_A_CHEST_XRAY] * 5
     assert checks[5].score == pytest.approx(1.5, rel=1e-3)
     assert all(c.score is not None and c.score > 2 for c in checks[6:])
+    assert all(c.refusal_score is not None and c.refusal_score > 1 for c in checks[6:])
     # Image-check reasons refuse whatever the features say.
     assert g.check(typical[:1], [["blank"]])[0].outcome == NOT_A_CHEST_XRAY
     back = FeatureGuard.from_dict(json.loads(json.dumps(g.to_dict())))
-    np.testing.assert_allclose(back.distance(far), g.distance(far), rtol=1e-6)
+    np.testing.assert_allclose(back.head.distance(far), g.head.distance(far), rtol=1e-6)
     assert back.fitted == json.loads(json.dumps(g.fitted))
+    # A file written by the first format (head statistics at the top level) still loads.
+    old = {
+        "format": 1,
+        **g.head.to_dict(),
+        **{k: v for k, v in g.to_dict().items() if k.endswith("distance")},
+    }
+    old_guard = FeatureGuard.from_dict(json.loads(json.dumps(old)))
+    assert [c.outcome for c in old_guard.check(far, [[]] * 5)] == [NOT_A_CHEST_XRAY] * 5
+
+
+def test_mid_level_distance_refuses_beyond_the_farthest_shifted_validation_film() -> None:
+    rng = np.random.default_rng(3)
+    head_basis, mid_basis = rng.normal(size=(6, 30)), rng.normal(size=(4, 20))
+
+    def rows(n: int, mid_scale: float = 1.0) -> np.ndarray:
+        return np.concatenate(
+            [_features(rng, n, head_basis), mid_scale * _features(rng, n, mid_basis)], axis=1
+        )
+
+    train, val = rows(500), rows(200)
+    shifted = {"wider": rows(200, 1.3), "blur": rows(200, 0.8)}
+    g = fit_feature_guard(train, val, components=6, head_dim=30, shifted=shifted, mid_components=4)
+    assert g.mid is not None and g.dim == 50 and g.head.dim == 30
+    # The refusal distance is the farthest any validation film gets, shifted or not.
+    every = np.concatenate([val, *shifted.values()])
+    _, mid_all = g.distances(every)
+    assert mid_all is not None and g.refuse_distance == pytest.approx(mid_all.max())
+    assert g.fitted["refuse_set_by"] == "wider" and g.fitted["validation_refused"] == 0.0
+    assert not any(c.outcome == NOT_A_CHEST_XRAY for c in g.check(every, [[]] * len(every)))
+    # Far in the mid-level features: refused, whatever the head features say.
+    typical_head = val[:1, :30]
+    far_mid = _off_axis(g.mid, rng, 1.5 * g.refuse_distance)[None]
+    c = g.check(np.concatenate([typical_head, far_mid], axis=1), [[]])[0]
+    assert c.outcome == NOT_A_CHEST_XRAY and c.refusal_score == pytest.approx(1.5, rel=1e-3)
+    assert "mid-level" in c.message
+    # Far in the head features only: a radiograph unlike the training films, not refused.
+    far_head = _off_axis(g.head, rng, 5 * g.flag_distance)[None]
+    c = g.check(np.concatenate([far_head, val[:1, 30:]], axis=1), [[]])[0]
+    assert c.outcome == UNLIKE_TRAINING and c.score == pytest.approx(5, rel=1e-3)
+    # Between the mid-level flag and refusal distances: flagged.
+    assert g.mid_flag_distance is not None and g.mid_flag_distance < g.refuse_distance
+    between = _off_axis(g.mid, rng, (g.mid_flag_distance + g.refuse_distance) / 2)[None]
+    c = g.check(np.concatenate([val[:1, :30], between], axis=1), [[]])[0]
+    assert c.outcome == UNLIKE_TRAINING and 0 < (c.refusal_score or 0) < 1
+    back = FeatureGuard.from_dict(json.loads(json.dumps(g.to_dict())))
+    np.testing.assert_allclose(back.distances(every)[1], mid_all, rtol=1e-6)
+    with pytest.raises(ValueError, match="shifted"):
+        fit_feature_guard(train, val, head_dim=30)
+    with pytest.raises(ValueError, match="reads 50"):
+        g.check(train[:2, :30], [[], []])
 
 
 def test_feature_guard_refuses_corrupt_statistics() -> None:
@@ -144,9 +206,11 @@ def test_feature_guard_refuses_corrupt_statistics() -> None:
         rng.normal(size=(30, 6)), rng.normal(size=(10, 6)), components=3
     ).to_dict()
     with pytest.raises(ValueError, match="input check"):
-        FeatureGuard.from_dict({**d, "components_k": 4})
+        FeatureGuard.from_dict({**d, "head": {**d["head"], "components_k": 4}})
     with pytest.raises(ValueError, match="input check"):
         FeatureGuard.from_dict({**d, "flag_distance": -1.0})
+    with pytest.raises(ValueError, match="input check"):
+        FeatureGuard.from_dict({**d, "format": 7})
 
 
 # --- a tiny model with a fitted input check, through export, the service, score and the CLI ---
@@ -179,7 +243,10 @@ def test_fitted_statistics_round_trip_through_export(
     fitted = FeatureGuard.from_dict(json.loads((guarded_run / "guard.json").read_text()))
     p = Predictor(guarded_model)
     assert p.guard is not None
-    np.testing.assert_array_equal(p.guard.components, fitted.components)
+    np.testing.assert_array_equal(p.guard.head.components, fitted.head.components)
+    assert p.guard.mid is not None and fitted.mid is not None
+    np.testing.assert_array_equal(p.guard.mid.components, fitted.mid.components)
+    assert p.guard.refuse_distance == fitted.refuse_distance
     assert p.guard.flag_distance == fitted.flag_distance
     card = json.loads(guarded_model.with_suffix(".card.json").read_text())
     check = card["input_check"]
@@ -257,6 +324,8 @@ def test_predict_answers_a_film_with_its_input_check(guarded_client: TestClient)
     check = r.json()["input_check"]
     assert check["outcome"] in (TYPICAL, UNLIKE_TRAINING)
     assert isinstance(check["score"], float) and isinstance(check["message"], str)
+    # Below 1: not refused; the mid-level distance it reads is in the exported graph.
+    assert isinstance(check["refusal_score"], float) and 0 < check["refusal_score"] <= 1
     assert {"prediction", "probability", "probabilities", "threshold"} <= set(r.json())
 
 

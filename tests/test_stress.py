@@ -8,6 +8,7 @@ import torch
 
 from pneumonia.training.stress import (
     PERTURBATIONS,
+    SITE_SHIFTS,
     perturbed_batches,
     stressed_logits,
     stressed_report,
@@ -38,6 +39,27 @@ def test_every_perturbation_keeps_shape_and_range_and_is_deterministic_for_a_see
             assert not torch.equal(a, torch.from_numpy(x)), name
     noisy = [torch.cat(perturbed_batches(x, "noise_0.03", seed=s)) for s in (1, 2)]
     assert not torch.equal(*noisy)
+
+
+def test_every_site_shift_keeps_shape_and_range_changes_the_film_and_is_deterministic() -> None:
+    x = _films(size=64)
+    assert set(PERTURBATIONS) - {"clean"} <= set(SITE_SHIFTS) and "clean" not in SITE_SHIFTS
+    for name in SITE_SHIFTS:
+        a = torch.cat(perturbed_batches(x, name, seed=3, batch_size=4, table=SITE_SHIFTS))
+        b = torch.cat(perturbed_batches(x, name, seed=3, batch_size=4, table=SITE_SHIFTS))
+        assert a.shape == x.shape and a.dtype == torch.float32, name
+        assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0, name
+        assert torch.equal(a, b) and not torch.equal(a, torch.from_numpy(x)), name
+    t = torch.from_numpy(x)
+    out = SITE_SHIFTS["zoom_out_0.8"](t, torch.Generator())
+    # The frame around the shrunk film is each film's darkest tone.
+    assert torch.equal(out[:, :, 0, :], t.amin(dim=(2, 3))[:, :, None].expand(-1, -1, 64))
+    assert torch.allclose(SITE_SHIFTS["inverted"](t, torch.Generator()), 1 - t)
+    eq = SITE_SHIFTS["equalized"](
+        torch.full((1, 1, 8, 8), 0.2).clamp(0, 1) * torch.arange(64.0).view(1, 1, 8, 8) / 12.6,
+        torch.Generator(),
+    )
+    assert float(eq.max()) == 1.0
 
 
 def test_wider_raises_and_narrower_lowers_the_shape_statistic() -> None:

@@ -258,10 +258,21 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         with a.predictions.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "p_pneumonia", "input_check", "input_score"])
+            w.writerow(
+                [
+                    "path",
+                    "label",
+                    "p_pneumonia",
+                    "input_check",
+                    "input_score",
+                    "input_refusal_score",
+                ]
+            )
             for s, y, p, c in zip(loaded.samples, loaded.y, probs, checks, strict=True):
-                score = "" if c.score is None else f"{c.score:.4f}"
-                w.writerow([str(s.path), int(y), f"{p:.6f}", c.outcome, score])
+                score, refusal = (
+                    "" if v is None else f"{v:.4f}" for v in (c.score, c.refusal_score)
+                )
+                w.writerow([str(s.path), int(y), f"{p:.6f}", c.outcome, score, refusal])
     if a.plots:
         plot_report(report, a.plots, title=folder.name)
         if a.run_dir:
@@ -315,8 +326,10 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
                         "components",
                         "flag_distance",
                         "refuse_distance",
+                        "refuse_rule",
                     )
                 },
+                "mid_flag_distance": s.get("mid_flag_distance"),
             }
         )
     )

@@ -11,13 +11,26 @@ computes:
    noise, and a flat background covering most of the image (pages, drawings, screenshots).
    Each rule's bound sits well outside what any training or validation film reaches
    (docs/input_check.md gives the measured ranges).
-2. A distance in the network's own pooled penultimate features (the ``embedding`` output of
-   the exported graph): a Mahalanobis distance under probabilistic PCA (Tipping & Bishop
-   1999), i.e. a Gaussian fitted to the training-split films whose covariance keeps the
-   ``k`` leading directions and shrinks the rest to their mean variance. It needs ``k x D``
-   floats (about 330 KB for k = 64, D = 1280) and one small matrix product. Fitted on the
-   training split only; the flag threshold is the validation films' 99.5th percentile, the
-   refusal threshold a fixed multiple of it (:data:`REFUSE_FACTOR`).
+2. Two distances in the network's own features (the ``embedding`` output of the exported
+   graph), each a Mahalanobis distance under probabilistic PCA (Tipping & Bishop 1999): a
+   Gaussian fitted to the training-split films whose covariance keeps the ``k`` leading
+   directions and shrinks the rest to their mean variance.
+
+   - In the pooled **penultimate** features (what the head reads): far from the training
+     films means a film the model was not validated on. Flag threshold: the validation films'
+     99.5th percentile.
+   - In **mid-level** feature statistics (for EfficientNet-Lite0, the channel means and
+     standard deviations of its 5th and 6th stages): what a radiograph looks like to the
+     network before it reads findings; photos, pages and screenshots are far from it while
+     films from other sites stay near. Flag threshold as above; the refusal threshold is the
+     largest distance any validation film reaches, as it is or under any of the simulated
+     shifts of site (:data:`pneumonia.training.stress.SITE_SHIFTS`: other aspect ratios,
+     exposure, blur, noise, borders, zoom, rotation, burned-in text, inversion).
+
+   Both are fitted on the training split only, thresholds on the validation split only; the
+   statistics take about 0.45 MB and one small matrix product each. Models exported before
+   the mid-level features (format 1) refuse at :data:`REFUSE_FACTOR` times the penultimate
+   flag distance.
 
 Outcomes: ``typical``; ``unlike_training`` (a radiograph unlike the training films: the
 answer is given, with a warning); ``not_a_chest_xray`` (refused with 422, or only flagged when
@@ -28,6 +41,8 @@ image can pass.
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,15 +78,17 @@ MIN_DETAIL = 0.07
 #: Largest share of the input in one of 64 grey levels: a page, drawing or screenshot is a flat
 #: background; a film's darkest or brightest tone rarely covers over a third of it.
 MAX_FLAT_SHARE = 0.6
-#: The refusal threshold is this many times the flag threshold (the validation 99.5th
-#: percentile of the feature distance).
+#: Without mid-level features (models exported in format 1, or fitted with no shifted
+#: validation films), the refusal threshold is this many times the flag threshold.
 REFUSE_FACTOR = 2.0
 #: Share of validation films the flag threshold leaves unflagged.
 FLAG_QUANTILE = 0.995
 #: Leading principal directions of the training features kept with their own variance.
 DEFAULT_COMPONENTS = 64
+#: The same for the mid-level feature statistics.
+DEFAULT_MID_COMPONENTS = 32
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class NotAChestXrayError(ImageError):
@@ -86,15 +103,19 @@ class InputCheck:
 
     Attributes:
         outcome: One of ``OUTCOMES``.
-        score: Feature distance in units of the flag threshold (1.0: as unusual as the most
-            unusual 0.5% of validation films; ``REFUSE_FACTOR``: refused). None when the model
-            carries no fitted feature statistics.
+        score: Penultimate feature distance in units of the flag threshold (1.0: as unusual
+            as the most unusual 0.5% of validation films). None when the model carries no
+            fitted feature statistics.
         reasons: Why the outcome is not ``typical``, for people.
+        refusal_score: The distance the refusal reads (mid-level features; the penultimate
+            ones in format-1 models) in units of the refusal threshold: above 1, refused as
+            not a chest X-ray. None without fitted feature statistics.
     """
 
     outcome: str
     score: float | None
     reasons: tuple[str, ...] = ()
+    refusal_score: float | None = None
 
     @property
     def message(self) -> str:
@@ -111,7 +132,12 @@ class InputCheck:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "score": self.score, "message": self.message}
+        return {
+            "outcome": self.outcome,
+            "score": self.score,
+            "refusal_score": self.refusal_score,
+            "message": self.message,
+        }
 
     def error(self) -> NotAChestXrayError:
         return NotAChestXrayError(self.message)
@@ -165,10 +191,7 @@ def image_reasons(x: np.ndarray, stats: DecodeStats | None = None) -> list[str]:
 def _detail(img: np.ndarray) -> float:
     """Mean absolute Laplacian of a 64x64 box-averaged copy of ``img`` (2-D, values in [0, 1])."""
     h, w = img.shape
-    ys = np.linspace(0, h, 65).astype(int)
-    xs = np.linspace(0, w, 65).astype(int)
-    small = np.add.reduceat(np.add.reduceat(img, ys[:-1], axis=0), xs[:-1], axis=1)
-    small /= np.outer(np.diff(ys), np.diff(xs))
+    small = _box_matrix(h) @ img @ _box_matrix(w).T
     lap = (
         4 * small[1:-1, 1:-1]
         - small[:-2, 1:-1]
@@ -177,6 +200,17 @@ def _detail(img: np.ndarray) -> float:
         - small[1:-1, 2:]
     )
     return float(np.abs(lap).mean())
+
+
+@functools.lru_cache(maxsize=8)
+def _box_matrix(n: int, out: int = 64) -> np.ndarray:
+    """(out, n) matrix averaging ``n`` samples into ``out`` nearly equal boxes (a matrix
+    product is several times faster than ``np.add.reduceat`` over uneven boxes)."""
+    edges = np.linspace(0, n, out + 1).astype(int)
+    m = np.zeros((out, n), np.float32)
+    for i, (a, b) in enumerate(itertools.pairwise(edges)):
+        m[i, a:b] = 1.0 / max(1, b - a)
+    return m
 
 
 def _b64(a: np.ndarray) -> str:
@@ -191,26 +225,21 @@ def _unb64(s: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class FeatureGuard:
-    """Fitted statistics of the training films' features and the two thresholds.
+class Ppca:
+    """A Gaussian under probabilistic PCA: the ``k`` leading principal directions keep their
+    own variances, the other D - k share their mean variance.
 
     Attributes:
         mean: Mean training feature (D,).
         components: Leading principal directions (k, D), orthonormal rows.
         variances: Their variances (k,).
         residual_variance: Mean variance of the other D - k directions.
-        flag_distance: Distance above which a film is ``unlike_training``.
-        refuse_distance: Distance above which an image is ``not_a_chest_xray``.
-        fitted: How it was fitted (data, split, counts, quantiles), for the model card.
     """
 
     mean: np.ndarray
     components: np.ndarray
     variances: np.ndarray
     residual_variance: float
-    flag_distance: float
-    refuse_distance: float
-    fitted: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -227,38 +256,138 @@ class FeatureGuard:
         out: np.ndarray = np.sqrt((inside + residual) / self.dim).astype(np.float64)
         return out
 
+    @classmethod
+    def fit(cls, train: np.ndarray, components: int) -> Ppca:
+        """Fit on training features (N, D); ``components`` is capped at N - 1 and D - 1."""
+        train = np.asarray(train, dtype=np.float64)
+        n, dim = train.shape
+        mean = train.mean(axis=0)
+        _, s, vt = np.linalg.svd(train - mean, full_matrices=False)
+        var = s**2 / (n - 1)
+        k = max(1, min(components, n - 1, dim - 1))
+        total = float(var.sum()) if var.size else 0.0
+        floor = max(total / dim, 1e-12) * 1e-3
+        residual = max((total - float(var[:k].sum())) / (dim - k), floor)
+        return cls(
+            mean=mean.astype(np.float32),
+            components=vt[:k].astype(np.float32),
+            variances=np.maximum(var[:k], residual).astype(np.float32),
+            residual_variance=residual,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "components_k": int(self.components.shape[0]),
+            "mean": _b64(self.mean),
+            "components": _b64(self.components),
+            "variances": _b64(self.variances),
+            "residual_variance": self.residual_variance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Ppca:
+        dim, k = int(d["dim"]), int(d["components_k"])
+        ppca = cls(
+            mean=_unb64(d["mean"], (dim,)),
+            components=_unb64(d["components"], (k, dim)),
+            variances=_unb64(d["variances"], (k,)),
+            residual_variance=float(d["residual_variance"]),
+        )
+        if ppca.residual_variance <= 0 or (ppca.variances <= 0).any():
+            raise ValueError("variances out of range")
+        return ppca
+
+
+@dataclass(frozen=True)
+class FeatureGuard:
+    """Fitted statistics of the training films' features and the thresholds.
+
+    The model's ``embedding`` output is the pooled penultimate features (``head``, the first
+    ``head.dim`` values) followed, in models exported since format 2, by the mid-level feature
+    statistics (``mid``).
+
+    Attributes:
+        head: Gaussian of the training films' penultimate features: what the model has learnt
+            to read. Far from it: a film unlike the training films.
+        flag_distance: Head distance above which a film is ``unlike_training``.
+        mid: Gaussian of the training films' mid-level feature statistics: what a radiograph
+            looks like to the network before it reads findings. None in format-1 files.
+        mid_flag_distance: Mid distance above which a film is ``unlike_training``.
+        refuse_distance: Distance above which an image is ``not_a_chest_xray``: in the mid
+            features when there are any, else (format 1) in the head features.
+        fitted: How it was fitted (data, split, counts, quantiles), for the model card.
+    """
+
+    head: Ppca
+    flag_distance: float
+    refuse_distance: float
+    mid: Ppca | None = None
+    mid_flag_distance: float | None = None
+    fitted: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        """Width of the ``embedding`` output these statistics read."""
+        return self.head.dim + (self.mid.dim if self.mid is not None else 0)
+
+    def distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(head distances (N,), mid distances (N,) or None) of ``embedding`` rows (N, dim)."""
+        f = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+        if f.shape[1] != self.dim:
+            raise ValueError(f"features have {f.shape[1]} values, the input check reads {self.dim}")
+        head = self.head.distance(f[:, : self.head.dim])
+        mid = self.mid.distance(f[:, self.head.dim :]) if self.mid is not None else None
+        return head, mid
+
     def check(self, features: np.ndarray, reasons: list[list[str]]) -> list[InputCheck]:
         """Verdicts for a batch of features, given each image's image-check reasons."""
+        head, mid = self.distances(features)
+        refusing = mid if mid is not None else head
         out = []
-        for d, why in zip(self.distance(features), reasons, strict=True):
-            score = float(d / self.flag_distance)
+        for i, why in enumerate(reasons):
+            score = float(head[i] / self.flag_distance)
+            refusal = float(refusing[i] / self.refuse_distance)
             why = list(why)
-            if d > self.refuse_distance:
+            if refusal > 1:
+                what = "mid-level" if mid is not None else ""
                 why.append(
-                    f"its features are {score:.1f}x the flag distance from the training films'"
+                    f"its {what + ' ' if what else ''}features are {refusal:.2f}x the refusal "
+                    "distance from the training films'"
                 )
             if why:
-                out.append(InputCheck(NOT_A_CHEST_XRAY, score, tuple(why)))
-            elif d > self.flag_distance:
-                out.append(
-                    InputCheck(
-                        UNLIKE_TRAINING,
-                        score,
-                        (f"feature distance {score:.2f}x the flag threshold",),
-                    )
+                out.append(InputCheck(NOT_A_CHEST_XRAY, score, tuple(why), refusal))
+                continue
+            flags = []
+            if score > 1:
+                flags.append(f"feature distance {score:.2f}x the flag threshold")
+            if mid is not None and self.mid_flag_distance and mid[i] > self.mid_flag_distance:
+                flags.append(
+                    f"mid-level feature distance {mid[i] / self.mid_flag_distance:.2f}x its flag threshold"
                 )
-            else:
-                out.append(InputCheck(TYPICAL, score))
+            outcome = UNLIKE_TRAINING if flags else TYPICAL
+            out.append(InputCheck(outcome, score, tuple(flags), refusal))
         return out
 
     def summary(self) -> dict[str, Any]:
         """What the model card says about the check (no arrays)."""
+        mid = (
+            {
+                "mid_method": "the same distance in the mid-level feature statistics",
+                "mid_dim": self.mid.dim,
+                "mid_components": int(self.mid.components.shape[0]),
+                "mid_flag_distance": self.mid_flag_distance,
+            }
+            if self.mid is not None
+            else {}
+        )
         return {
             "method": "Mahalanobis distance under probabilistic PCA of the pooled penultimate features",
-            "dim": self.dim,
-            "components": int(self.components.shape[0]),
+            "dim": self.head.dim,
+            "components": int(self.head.components.shape[0]),
             "flag_distance": self.flag_distance,
             "refuse_distance": self.refuse_distance,
+            **mid,
             "image_checks": image_check_limits(),
             **self.fitted,
         }
@@ -266,41 +395,44 @@ class FeatureGuard:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,
-            "dim": self.dim,
-            "components_k": int(self.components.shape[0]),
-            "mean": _b64(self.mean),
-            "components": _b64(self.components),
-            "variances": _b64(self.variances),
-            "residual_variance": self.residual_variance,
+            "head": self.head.to_dict(),
             "flag_distance": self.flag_distance,
             "refuse_distance": self.refuse_distance,
+            "mid": self.mid.to_dict() if self.mid is not None else None,
+            "mid_flag_distance": self.mid_flag_distance,
             "fitted": self.fitted,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureGuard:
-        """Rebuild from :meth:`to_dict`; raises ValueError naming what is wrong."""
+        """Rebuild from :meth:`to_dict` (or a format-1 file: head statistics only); raises
+        ValueError naming what is wrong."""
         try:
-            if d["format"] != FORMAT_VERSION:
+            if d["format"] not in (1, FORMAT_VERSION):
                 raise ValueError(f"input check format {d['format']!r}, expected {FORMAT_VERSION}")
-            dim, k = int(d["dim"]), int(d["components_k"])
+            mid = None
+            if d["format"] == 1:  # the head statistics at the top level, refusal in the head
+                head = Ppca.from_dict(d)
+            else:
+                head = Ppca.from_dict(d["head"])
+                mid = Ppca.from_dict(d["mid"]) if d.get("mid") is not None else None
+            mid_flag = d.get("mid_flag_distance")
             guard = cls(
-                mean=_unb64(d["mean"], (dim,)),
-                components=_unb64(d["components"], (k, dim)),
-                variances=_unb64(d["variances"], (k,)),
-                residual_variance=float(d["residual_variance"]),
+                head=head,
                 flag_distance=float(d["flag_distance"]),
                 refuse_distance=float(d["refuse_distance"]),
+                mid=mid,
+                mid_flag_distance=float(mid_flag) if mid_flag is not None else None,
                 fitted=dict(d.get("fitted", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"invalid input check statistics: {exc!r}") from None
-        if (
-            not (0 < guard.flag_distance <= guard.refuse_distance)
-            or guard.residual_variance <= 0
-            or (guard.variances <= 0).any()
-        ):
-            raise ValueError("invalid input check statistics: thresholds or variances out of range")
+        bad_mid = guard.mid is not None and not (
+            guard.mid_flag_distance is not None and guard.mid_flag_distance > 0
+        )
+        bad_head = guard.mid is None and guard.refuse_distance < guard.flag_distance
+        if not (guard.flag_distance > 0 and guard.refuse_distance > 0) or bad_mid or bad_head:
+            raise ValueError("invalid input check statistics: thresholds out of range")
         return guard
 
 
@@ -315,6 +447,10 @@ def image_check_limits() -> dict[str, float]:
     }
 
 
+def _quantiles(d: np.ndarray, qs: tuple[str, ...]) -> dict[str, float]:
+    return {q: float(np.quantile(d, float(q))) for q in qs}
+
+
 def fit_feature_guard(
     train: np.ndarray,
     validation: np.ndarray,
@@ -322,66 +458,79 @@ def fit_feature_guard(
     flag_quantile: float = FLAG_QUANTILE,
     refuse_factor: float = REFUSE_FACTOR,
     fitted: dict[str, Any] | None = None,
+    *,
+    head_dim: int | None = None,
+    shifted: dict[str, np.ndarray] | None = None,
+    mid_components: int = DEFAULT_MID_COMPONENTS,
 ) -> FeatureGuard:
     """Fit the feature statistics on training features, the thresholds on validation features.
 
     Args:
-        train: Features of the training-split films (N, D).
-        validation: Features of the validation-split films (M, D); only their distances are
-            used, to set the thresholds.
-        components: Principal directions kept (capped at N - 1 and D - 1).
-        flag_quantile: Share of validation films below the flag threshold.
-        refuse_factor: Refusal threshold as a multiple of the flag threshold.
+        train: ``embedding`` rows of the training-split films (N, D).
+        validation: Those of the validation-split films (M, D); only their distances are used,
+            to set the thresholds.
+        components: Principal directions kept in the head features (capped at N - 1, D - 1).
+        flag_quantile: Share of validation films below each flag threshold.
+        refuse_factor: Without mid-level features (``head_dim`` None): the refusal threshold as
+            a multiple of the flag threshold (format 1's rule).
         fitted: Provenance to store (data, split, ...).
+        head_dim: How many of the D values are head features; the rest are mid-level
+            statistics, whose refusal threshold is the largest distance any validation film
+            reaches, clean or under any of the ``shifted`` versions.
+        shifted: ``embedding`` rows of the validation films under each simulated shift of
+            site (name -> (M', D)); required with ``head_dim``.
+        mid_components: Principal directions kept in the mid-level features.
     """
     train = np.asarray(train, dtype=np.float64)
+    validation = np.asarray(validation, dtype=np.float64)
     n, dim = train.shape
     if n < 3 or len(validation) < 1:
         raise ValueError(
             f"need at least 3 training and 1 validation features, got {n} and {len(validation)}"
         )
-    mean = train.mean(axis=0)
-    _, s, vt = np.linalg.svd(train - mean, full_matrices=False)
-    var = s**2 / (n - 1)
-    k = max(1, min(components, n - 1, dim - 1))
-    total = float(var.sum()) if var.size else 0.0
-    floor = max(total / dim, 1e-12) * 1e-3
-    residual = max((total - float(var[:k].sum())) / (dim - k), floor)
-    guard = FeatureGuard(
-        mean=mean.astype(np.float32),
-        components=vt[:k].astype(np.float32),
-        variances=np.maximum(var[:k], residual).astype(np.float32),
-        residual_variance=residual,
-        flag_distance=1.0,
-        refuse_distance=1.0,
-    )
-    val_d = guard.distance(validation)
-    train_d = guard.distance(train)
+    hd = dim if head_dim is None else head_dim
+    if not 0 < hd <= dim or (hd < dim and not shifted):
+        raise ValueError(f"head_dim {head_dim} of {dim} features needs shifted validation features")
+    head = Ppca.fit(train[:, :hd], components)
+    val_d = head.distance(validation[:, :hd])
+    train_d = head.distance(train[:, :hd])
     flag = float(np.quantile(val_d, flag_quantile))
-    info = {
+    info: dict[str, Any] = {
         **(fitted or {}),
         "n_train": n,
         "n_validation": len(validation),
         "flag_rule": f"{flag_quantile:.1%} quantile of the validation films' distances",
-        "refuse_rule": f"{refuse_factor:g} x the flag distance",
-        "validation_distance_quantiles": {
-            q: float(np.quantile(val_d, float(q))) for q in ("0.5", "0.9", "0.99", "0.995", "1.0")
-        },
-        "train_distance_quantiles": {
-            q: float(np.quantile(train_d, float(q))) for q in ("0.5", "0.99", "1.0")
-        },
+        "validation_distance_quantiles": _quantiles(val_d, ("0.5", "0.9", "0.99", "0.995", "1.0")),
+        "train_distance_quantiles": _quantiles(train_d, ("0.5", "0.99", "1.0")),
         "validation_flagged": float((val_d > flag).mean()),
-        "validation_refused": float((val_d > flag * refuse_factor).mean()),
     }
-    return FeatureGuard(
-        mean=guard.mean,
-        components=guard.components,
-        variances=guard.variances,
-        residual_variance=guard.residual_variance,
-        flag_distance=flag,
-        refuse_distance=flag * refuse_factor,
-        fitted=info,
+    if hd == dim:
+        info["refuse_rule"] = f"{refuse_factor:g} x the flag distance"
+        info["validation_refused"] = float((val_d > flag * refuse_factor).mean())
+        return FeatureGuard(head, flag, flag * refuse_factor, fitted=info)
+    assert shifted is not None
+    mid = Ppca.fit(train[:, hd:], mid_components)
+    mid_val = mid.distance(validation[:, hd:])
+    mid_flag = float(np.quantile(mid_val, flag_quantile))
+    by_shift = {k: float(mid.distance(np.asarray(v)[:, hd:]).max()) for k, v in shifted.items()}
+    worst = max(by_shift, key=lambda k: by_shift[k])
+    refuse = max(float(mid_val.max()), by_shift[worst])
+    info.update(
+        {
+            "refuse_rule": (
+                "largest mid-level distance of any validation film, as it is or under any of "
+                f"{len(shifted)} simulated shifts of site"
+            ),
+            "refuse_set_by": worst if by_shift[worst] >= mid_val.max() else "clean",
+            "mid_validation_distance_quantiles": _quantiles(
+                mid_val, ("0.5", "0.99", "0.995", "1.0")
+            ),
+            "mid_shifted_max_distance": by_shift,
+            "validation_flagged": float(((val_d > flag) | (mid_val > mid_flag)).mean()),
+            "validation_refused": float((mid_val > refuse).mean()),
+        }
     )
+    return FeatureGuard(head, flag, refuse, mid, mid_flag, info)
 
 
 def image_only_check(reasons: list[str]) -> InputCheck:

@@ -50,6 +50,12 @@ class InputCheckResult(BaseModel):
         "flag threshold (above 1: unlike the training films); absent (or null in a batch) when "
         "the model carries no fitted feature statistics.",
     )
+    refusal_score: float | None = Field(
+        default=None,
+        description="The distance the refusal reads (the network's mid-level feature statistics) "
+        "in units of the refusal threshold: above 1 the image is refused as not a chest X-ray; "
+        "null when the model carries no fitted feature statistics.",
+    )
     message: str = Field(description="The outcome in words, with its reasons.")
 
 

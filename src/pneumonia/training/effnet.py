@@ -14,6 +14,7 @@ weights expect, ``(x - 0.5) / 0.5``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 6, 192, 320),
 )
 STEM_CHANNELS = 32
+#: Stages (0-based) whose outputs give the mid-level statistics of the input check: the 5th
+#: and 6th, 112 and 192 channels at 1/16 and 1/32 of the input side.
+MID_STAGES = (4, 5)
 HEAD_CHANNELS = 1280
 #: TensorFlow's batch-norm constants of the original weights.
 BN_EPS = 1e-3
@@ -144,17 +148,27 @@ class EfficientNetLite0(nn.Module):
                     )
                 )
         self._blocks = nn.ModuleList(blocks)
+        # Index of the last block of each MID_STAGES stage.
+        ends = list(itertools.accumulate(s.repeats for s in stages))
+        self._mid_ends = frozenset(ends[i] - 1 for i in MID_STAGES)
         self._conv_head = SameConv2d(stages[-1].cout, HEAD_CHANNELS, 1, bias=False)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(HEAD_CHANNELS, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._maps(x)[0]
+
+    def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the last feature map, the outputs of the ``MID_STAGES``)."""
         x = (x - 0.5) / 0.5
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        kept = []
+        for i, block in enumerate(self._blocks):
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+            if i in self._mid_ends:
+                kept.append(x)
+        return F.relu6(self._bn1(self._conv_head(x))), kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N,)."""
@@ -170,6 +184,19 @@ class EfficientNetLite0(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled penultimate features (N, 1280) the head reads."""
         return self.features(x).mean(dim=(2, 3))
+
+    def guard_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In one pass: ``embed(x)`` and the channel means and standard deviations of the
+        ``MID_STAGES`` outputs (N, 608), which the input check reads."""
+        last, mids = self._maps(x)
+        return last.mean(dim=(2, 3)), torch.cat([pooled_stats(m) for m in mids], dim=1)
+
+
+def pooled_stats(t: torch.Tensor) -> torch.Tensor:
+    """Each channel's spatial mean and (population) standard deviation, (N, 2C)."""
+    mean = t.mean(dim=(2, 3))
+    std = (t - mean[:, :, None, None]).pow(2).mean(dim=(2, 3)).add(1e-12).sqrt()
+    return torch.cat([mean, std], dim=1)
 
 
 def wheel_weights_path() -> Path:

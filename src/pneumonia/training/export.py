@@ -87,8 +87,8 @@ def _model_card(
                 1
             ]: "class activation map, shape (N, h, w); its spatial mean is the logit",
             EMBEDDING_OUTPUT: (
-                "pooled penultimate features of every member, "
-                "concatenated, shape (N, D); for the input check"
+                "for the input check: the pooled penultimate features of every member, then "
+                "their mid-level feature statistics, concatenated, shape (N, D + M)"
             ),
         },
         "architecture": {**cfg.model.to_dict(), "members": len(cfg.seeds), "parameters": n_params},
@@ -469,8 +469,22 @@ def input_check_section(check: dict[str, Any] | None) -> list[str]:
         f"- Then a {check['method']} ({check['dim']} features, {check['components']} principal directions), "
         f"fitted on {check.get('n_train')} films: {check.get('fitted_on', 'the training split')}.",
         f"- Flagged as unlike the training films above distance {check['flag_distance']:.4f} "
-        f"({check.get('flag_rule')}); refused as not a chest X-ray above {check['refuse_distance']:.4f} "
-        f"({check.get('refuse_rule')}).",
+        f"({check.get('flag_rule')}).",
+    ]
+    if "mid_dim" in check:
+        mq = check.get("mid_validation_distance_quantiles", {})
+        lines += [
+            f"- And the same distance in the network's mid-level feature statistics ({check['mid_dim']} "
+            f"features, {check['mid_components']} principal directions): flagged above "
+            f"{check['mid_flag_distance']:.4f} (the same rule), refused as not a chest X-ray above "
+            f"{check['refuse_distance']:.4f} ({check.get('refuse_rule')}; set by "
+            f"{check.get('refuse_set_by')}; validation median {mq.get('0.5', float('nan')):.4f}).",
+        ]
+    else:
+        lines.append(
+            f"- Refused as not a chest X-ray above {check['refuse_distance']:.4f} ({check.get('refuse_rule')})."
+        )
+    lines += [
         f"- Validation films ({check.get('n_validation')}): median distance {q.get('0.5', float('nan')):.4f}, "
         f"maximum {q.get('1.0', float('nan')):.4f}; {check.get('validation_flagged', 0):.1%} flagged, "
         f"{check.get('validation_refused', 0):.1%} refused by the feature distance.",

@@ -1,6 +1,7 @@
 """Fit the input check of a training run: feature statistics of its training-split films,
-thresholds from its validation-split films (see pneumonia.guard). Writes RUN/guard.json, which
-``pneumonia export`` puts into the model file and its card."""
+thresholds from its validation-split films, as they are and under simulated shifts of site
+(see pneumonia.guard). Writes RUN/guard.json, which ``pneumonia export`` puts into the model
+file and its card."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 from pneumonia.data import Sample, load_images, train_val_split
 from pneumonia.guard import (
     DEFAULT_COMPONENTS,
+    DEFAULT_MID_COMPONENTS,
     FLAG_QUANTILE,
-    REFUSE_FACTOR,
     FeatureGuard,
     fit_feature_guard,
 )
@@ -54,24 +55,49 @@ def run_split(
     return train, val, root, split.description
 
 
+def embed_inputs(net: Any, x: np.ndarray) -> np.ndarray:
+    """``embedding`` rows (N, D + M) of preprocessed inputs, as the exported graph gives them."""
+    import torch
+
+    with torch.no_grad():
+        parts = [
+            net.guard_features(torch.from_numpy(x[i : i + CHUNK])).numpy()
+            for i in range(0, len(x), CHUNK)
+        ]
+    return np.concatenate(parts).astype(np.float32)
+
+
 def embed_samples(
     net: Any, samples: Sequence[Sample], spec: PreprocessSpec, progress: bool = False
 ) -> np.ndarray:
-    """Pooled features (N, D) of the readable films among ``samples``, through the shared preprocessing."""
-    import torch
-
-    out = []
+    """``embedding`` rows of the readable films among ``samples``, read a chunk at a time
+    through the shared preprocessing."""
     chunks = range(0, len(samples), CHUNK)
     if progress:
         from tqdm import tqdm
 
         chunks = tqdm(chunks, desc="embedding films", unit="chunk")
-    for i in chunks:
-        x = load_images(samples[i : i + CHUNK], spec).x
-        if len(x):
-            with torch.no_grad():
-                out.append(net.embed(torch.from_numpy(x)).numpy())
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(
+        [embed_inputs(net, load_images(samples[i : i + CHUNK], spec).x) for i in chunks]
+    )
+
+
+def shifted_features(
+    net: Any, x: np.ndarray, seed: int, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """``embedding`` rows of the validation inputs ``x`` under each of ``SITE_SHIFTS``."""
+    from pneumonia.training.stress import SITE_SHIFTS, perturbed_batches
+
+    names = list(SITE_SHIFTS)
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="shifted validation films", unit="shift")
+    out = {}
+    for name in names:
+        batches = perturbed_batches(x, name, seed, CHUNK, table=SITE_SHIFTS)
+        out[name] = np.concatenate([embed_inputs(net, b.numpy()) for b in batches])
+    return out
 
 
 def fit_run_guard(
@@ -79,10 +105,15 @@ def fit_run_guard(
     data_root: Path | None = None,
     components: int = DEFAULT_COMPONENTS,
     flag_quantile: float = FLAG_QUANTILE,
-    refuse_factor: float = REFUSE_FACTOR,
     progress: bool = False,
+    mid_components: int = DEFAULT_MID_COMPONENTS,
 ) -> FeatureGuard:
-    """Fit the run's input check and write ``RUN/guard.json``."""
+    """Fit the run's input check and write ``RUN/guard.json``.
+
+    Penultimate and mid-level statistics from the training-split films; flag thresholds from
+    the validation films; the refusal threshold from the validation films as they are and
+    under every simulated shift of site (``stress.SITE_SHIFTS``).
+    """
     import torch
 
     from pneumonia.training.model import EnsembleForExport
@@ -95,24 +126,33 @@ def fit_run_guard(
     net = EnsembleForExport([load_member(d / "best.pt") for d in dirs]).eval()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    with torch.no_grad():
+        probe = torch.zeros(1, *cfg.preprocess.input_shape)
+        head_dim = int(net.embed(probe).shape[1])
     train_f = embed_samples(net, train, cfg.preprocess, progress)
-    val_f = embed_samples(net, val, cfg.preprocess, progress)
+    val_x = load_images(val, cfg.preprocess).x
+    val_f = embed_inputs(net, val_x)
+    shifted = shifted_features(net, val_x, cfg.split_seed, progress)
     guard = fit_feature_guard(
         train_f,
         val_f,
         components=components,
         flag_quantile=flag_quantile,
-        refuse_factor=refuse_factor,
         fitted={
             "fitted_on": f"training split of {root} ({how}); thresholds from its validation split",
             "members_sha256": [sha256_file(d / "best.pt") for d in dirs],
         },
+        head_dim=head_dim,
+        shifted=shifted,
+        mid_components=mid_components,
     )
     (run_dir / GUARD_FILE).write_text(json.dumps(guard.to_dict()) + "\n")
     log.info(
-        "input check fitted on %d training films, thresholds from %d validation films: flag at %.3f, refuse at %.3f",
+        "input check fitted on %d training films, thresholds from %d validation films "
+        "(and %d shifted copies): flag at %.3f, refuse at mid-level distance %.3f",
         len(train_f),
         len(val_f),
+        sum(len(v) for v in shifted.values()),
         guard.flag_distance,
         guard.refuse_distance,
     )

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pneumonia.training.effnet import EfficientNetLite0, load_imagenet_weights
+from pneumonia.training.effnet import EfficientNetLite0, load_imagenet_weights, pooled_stats
 
 #: Architectures, with what each does to its input before the first convolution.
 ARCHS = {
@@ -117,6 +118,18 @@ class PneumoniaCNN(nn.Module):
         """The pooled penultimate features (N, C) the head reads."""
         return self.features(x).mean(dim=(2, 3))
 
+    def guard_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In one pass: ``embed(x)`` and the channel means and standard deviations at the ends
+        of the two stages before the last (N, 2 * (channels[-3] + channels[-2])), which the
+        input check reads."""
+        convs = []
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.Sequential):
+                convs.append(x)
+        mid = torch.cat([pooled_stats(convs[-5]), pooled_stats(convs[-3])], dim=1)
+        return x.mean(dim=(2, 3)), mid
+
 
 class LogisticBaseline(nn.Module):
     """Logistic regression on a small, standardised thumbnail (the classical baseline)."""
@@ -144,6 +157,12 @@ class LogisticBaseline(nn.Module):
         """The standardised thumbnail (N, grid * grid) the head reads."""
         return self._thumb(x).flatten(1)
 
+    def guard_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed(x)`` and, as its mid-level features (the baseline has no other layers), the
+        thumbnail averaged to 8 x 8 (N, 64), which the input check reads."""
+        t = self._thumb(x)
+        return t.flatten(1), F.adaptive_avg_pool2d(t, 8).flatten(1)
+
 
 Network = PneumoniaCNN | LogisticBaseline | EfficientNetLite0
 
@@ -168,16 +187,27 @@ class EnsembleForExport(nn.Module):
         self.nets = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits (N,), CAMs (N, h, w), features (N, sum of the members' D))."""
+        """(logits (N,), CAMs (N, h, w), the input check's features (N, D + M), see guard_features)."""
         # Members are networks from build_model; ModuleList only knows them as Module.
         members = cast(list[Network], list(self.nets))
         logits, cams = zip(*(m.cam(x) for m in members), strict=True)
         # embed() repeats the convolutions cam() ran; the exporter's graph holds them twice and
         # onnxruntime's common-subexpression elimination merges them again (tests/test_guard.py).
-        features = torch.cat([m.embed(x) for m in members], dim=1)
-        return torch.stack(logits).mean(0), torch.stack(cams).mean(0), features
+        return torch.stack(logits).mean(0), torch.stack(cams).mean(0), self.guard_features(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The concatenated pooled features alone (N, D), for fitting the input check."""
+        """The members' pooled penultimate features, concatenated (N, D)."""
         members = cast(list[Network], list(self.nets))
         return torch.cat([m.embed(x) for m in members], dim=1)
+
+    def split_guard_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the members' pooled penultimate features (N, D), their mid-level statistics
+        (N, M)), each concatenated over members: what the input check is fitted on."""
+        members = cast(list[Network], list(self.nets))
+        heads, mids = zip(*(m.guard_features(x) for m in members), strict=True)
+        return torch.cat(heads, dim=1), torch.cat(mids, dim=1)
+
+    def guard_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``embedding`` output the input check reads: the penultimate features, then the
+        mid-level statistics (N, D + M)."""
+        return torch.cat(self.split_guard_features(x), dim=1)

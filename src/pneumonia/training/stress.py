@@ -13,6 +13,7 @@ Each perturbation works on preprocessed inputs (N, 1, S, S) in [0, 1] and keeps 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -115,12 +116,104 @@ class StressedScores:
         )
 
 
+def zoom_out(scale: float) -> Perturb:
+    """The film shrunk to ``scale`` of the side, centred on a frame of its darkest tone (a
+    site that images more of the body, or pads its films)."""
+
+    def f(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+        small = F.interpolate(x, size=(sh, sw), mode="bilinear", antialias=True)
+        out = x.amin(dim=(2, 3), keepdim=True).expand_as(x).clone()
+        top, left = (h - sh) // 2, (w - sw) // 2
+        out[..., top : top + sh, left : left + sw] = small
+        return out
+
+    return f
+
+
+def zoom_in(scale: float) -> Perturb:
+    """The centred ``scale`` of the film enlarged to the whole side (a tighter collimation)."""
+    return lambda x, g: _stretch_crop(x, scale, scale)
+
+
+def rotate(degrees: float) -> Perturb:
+    """Rotated about the centre, corners filled with black (a patient not square to the plate)."""
+
+    def f(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        a = math.radians(degrees)
+        theta = torch.tensor(
+            [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype
+        )
+        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+    return f
+
+
+def equalize(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Histogram-equalised, as some sites post-process their films."""
+    out = torch.empty_like(x)
+    for i, im in enumerate(x):
+        v = (im.clamp(0, 1) * 255).round().long()
+        cdf = torch.bincount(v.flatten(), minlength=256).cumsum(0).to(x.dtype)
+        out[i] = (cdf / cdf[-1])[v]
+    return out
+
+
+def burned_in_text(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """White annotations burned into the corners and a side marker, as many sites send them."""
+    from PIL import Image, ImageDraw
+
+    out = torch.empty_like(x)
+    for i, im in enumerate(x):
+        img = Image.fromarray((im[0].clamp(0, 1) * 255).round().byte().numpy())
+        d = ImageDraw.Draw(img)
+        w, h = img.size
+        d.text((w // 32, h // 32), "PORTABLE AP  12/03/2019", fill=255)
+        d.text((w * 7 // 8, h // 2), "R", fill=255)
+        d.text((w // 32, h * 29 // 32), "ID 83920 ACC 1123", fill=255)
+        out[i, 0] = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
+    return out
+
+
+def contrast(factor: float) -> Perturb:
+    """Contrast about each film's mean scaled by ``factor``."""
+
+    def f(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        m = x.mean(dim=(2, 3), keepdim=True)
+        return ((x - m) * factor + m).clamp(0.0, 1.0)
+
+    return f
+
+
+#: The validation films as other sites might send them: the stressed validation's
+#: perturbations and stronger changes of framing, processing and annotation. The input check
+#: sets its refusal distance so that none of these films would be refused (pneumonia.guard).
+SITE_SHIFTS: dict[str, Perturb] = {
+    **{k: v for k, v in PERTURBATIONS.items() if k != "clean"},
+    "zoom_out_0.8": zoom_out(0.8),
+    "zoom_in_0.8": zoom_in(0.8),
+    "rotate_10": rotate(10.0),
+    "equalized": equalize,
+    "burned_in_text": burned_in_text,
+    "contrast_0.6": contrast(0.6),
+    "contrast_1.5": contrast(1.5),
+    "inverted": lambda x, g: 1.0 - x,
+}
+
+
 def perturbed_batches(
-    x: np.ndarray, name: str, seed: int, batch_size: int = 128
+    x: np.ndarray,
+    name: str,
+    seed: int,
+    batch_size: int = 128,
+    table: dict[str, Perturb] | None = None,
 ) -> list[torch.Tensor]:
-    """The validation inputs under perturbation ``name``, in batches; deterministic for ``seed``."""
+    """The validation inputs under perturbation ``name`` (of ``table``, by default
+    :data:`PERTURBATIONS`), in batches; deterministic for ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    fn = PERTURBATIONS[name]
+    fn = (PERTURBATIONS if table is None else table)[name]
     out = []
     for i in range(0, len(x), batch_size):
         out.append(
