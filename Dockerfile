@@ -33,7 +33,10 @@ RUN /opt/venv/bin/pip uninstall -y -q matplotlib contourpy cycler fonttools kiwi
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
+# OPENBLAS_NUM_THREADS=1: numpy's BLAS (the input check's small matrix products) would
+# otherwise start a thread per host core, spending the container's CPU quota on spinning.
 ENV PATH=/opt/venv/bin:$PATH \
+    OPENBLAS_NUM_THREADS=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MODEL_PATH=/opt/venv/lib/python3.11/site-packages/pneumonia/artifacts/model.onnx \

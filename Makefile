@@ -89,9 +89,11 @@ ship: install-test
 	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
 		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \
 		--plots artifacts/baseline/eval/plots --run-dir runs/baseline
+	$(MAKE) guard-bench MODEL=artifacts/model.onnx RUN=runs/shipped
 	$(BIN)/pneumonia card --model artifacts/model.onnx --report artifacts/eval/test.json \
 		--baseline artifacts/baseline/eval/test.json --previous artifacts/v1/eval/test.json \
-		--previous-label "pneumonia-cnn v1 (first look at the test set)" --out artifacts/model.card.md
+		--previous-label "pneumonia-cnn v1 (first look at the test set)" \
+		--input-check-report runs/bench_guard.json --out artifacts/model.card.md
 
 # The input check's refusal rate per kind of non-radiograph (photos, pages, screenshots, ...)
 # and its refusal and flag rates on the validation and test films (docs/input_check.md).

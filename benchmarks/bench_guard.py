@@ -20,6 +20,12 @@ Markdown table; progress goes to stderr.
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread, as the service runs in its container (Dockerfile): the check's CPU time is
+# then what it costs, not threads spinning on a shared machine. Set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
 import sys

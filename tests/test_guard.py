@@ -457,3 +457,20 @@ def test_cli_evaluate_reports_how_many_it_would_refuse(
     assert (
         json.loads(capsys.readouterr().out.splitlines()[-1])["input_check"]["not_a_chest_xray"] >= 1
     )
+
+
+def test_card_shows_the_measured_rates_of_this_file_only(guarded_model: Path) -> None:
+    from pneumonia.training.export import render_model_card
+
+    card = json.loads(guarded_model.with_suffix(".card.json").read_text())
+    rates = {"n": 4, "refused": 3, "flagged": 1, "refused_rate": 0.75, "flagged_rate": 0.25}
+    bench = {
+        "model": {"sha256": card["sha256"]},
+        "kinds": {"photo": rates, "all": rates},
+        "films": {"validation": {**rates, "refused": 0, "refused_rate": 0.0}},
+    }
+    text = render_model_card(card, input_check=bench)
+    assert "| non-radiographs: photo | 4 | 3 (75.0%) | 1 |" in text
+    assert "| validation films | 4 | 0 (0.00%) | 1 (25.00%) |" in text
+    with pytest.raises(ValueError, match="another model file"):
+        render_model_card(card, input_check={**bench, "model": {"sha256": "0" * 64}})

@@ -344,7 +344,12 @@ def cmd_card(a: argparse.Namespace) -> int:
     test = json.loads(a.report.read_text()) if a.report else None
     base = json.loads(a.baseline.read_text()) if a.baseline else None
     prev = (a.previous_label, json.loads(a.previous.read_text())) if a.previous else None
-    text = render_model_card(card, test, base, prev)
+    bench = json.loads(a.input_check_report.read_text()) if a.input_check_report else None
+    try:
+        text = render_model_card(card, test, base, prev, bench)
+    except ValueError as exc:
+        print(f"pneumonia card: error: {exc}", file=sys.stderr)
+        return 2
     if card.get("site_recalibration"):  # a model refitted by `pneumonia recalibrate`
         from pneumonia.recalibrate import render_site_section
 
@@ -676,6 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--previous-label", default="previous model", help="its row label in the comparison table"
+    )
+    c.add_argument(
+        "--input-check-report",
+        type=Path,
+        help="benchmarks/bench_guard.py's JSON for this model: adds the input check's measured rates",
     )
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(func=cmd_card)

@@ -347,6 +347,7 @@ def render_model_card(
     test: dict[str, Any] | None = None,
     baseline: dict[str, Any] | None = None,
     previous: tuple[str, dict[str, Any]] | None = None,
+    input_check: dict[str, Any] | None = None,
 ) -> str:
     """The Markdown model card; test reports, when given, add the held-out figures.
 
@@ -355,6 +356,8 @@ def render_model_card(
         test: Its evaluation report on the test set.
         baseline: The baseline's report on the same set.
         previous: (label, report) of the model this one replaces, on the same set.
+        input_check: ``benchmarks/bench_guard.py``'s JSON for this file: the input check's
+            measured rates.
     """
     v = card["validation_metrics"]
     data = card["training"]["data"]
@@ -433,12 +436,40 @@ def render_model_card(
             comparison_table(rows),
         ]
     lines += input_check_section(card.get("input_check"))
+    if input_check is not None:
+        lines += input_check_measured(input_check, card.get("sha256"))[1:]
     lines += [
         "## Versions",
         *[f"- {k}: {x}" for k, x in card["versions"].items()],
         "",
     ]
     return "\n".join(lines)
+
+
+def input_check_measured(bench: dict[str, Any], sha256: str | None) -> list[str]:
+    """The card's table of the input check's measured rates, from ``benchmarks/bench_guard.py``'s
+    JSON (refused per kind of non-radiograph, refused and flagged chest films)."""
+    if sha256 and bench.get("model", {}).get("sha256") != sha256:
+        raise ValueError("the input check report was measured on another model file")
+    lines = [
+        "",
+        "Measured on this file by `benchmarks/bench_guard.py` (refusal turned into a flag so that "
+        "every outcome is counted; the non-radiographs are an evaluation set the check was not "
+        "designed on, docs/input_check.md):",
+        "",
+        "| set | images | refused as not a chest X-ray | flagged unlike training |",
+        "|---|---|---|---|",
+    ]
+    for kind, r in bench.get("kinds", {}).items():
+        lines.append(
+            f"| non-radiographs: {kind} | {r['n']} | {r['refused']} ({r['refused_rate']:.1%}) | {r['flagged']} |"
+        )
+    for name, r in bench.get("films", {}).items():
+        lines.append(
+            f"| {name} films | {r['n']} | {r['refused']} ({r['refused_rate']:.2%}) "
+            f"| {r['flagged']} ({r['flagged_rate']:.2%}) |"
+        )
+    return [*lines, ""]
 
 
 def input_check_section(check: dict[str, Any] | None) -> list[str]:
@@ -489,12 +520,6 @@ def input_check_section(check: dict[str, Any] | None) -> list[str]:
         f"maximum {q.get('1.0', float('nan')):.4f}; {check.get('validation_flagged', 0):.1%} flagged, "
         f"{check.get('validation_refused', 0):.1%} refused by the feature distance.",
     ]
-    measured = check.get("measured")
-    if measured:
-        lines.append(
-            f"- Measured ({measured.get('command', 'benchmarks/bench_guard.py')}): "
-            + "; ".join(f"{k}: {v}" for k, v in measured.items() if k != "command")
-        )
     lines += [
         "- It is a screen, not a guarantee: an unusual film can be flagged or refused, and an image "
         "that is not a chest X-ray can pass. Operators can turn refusal into a flag (`INPUT_CHECK=flag`).",
