@@ -28,9 +28,9 @@ computes:
      exposure, blur, noise, borders, zoom, rotation, burned-in text, inversion).
 
    Both are fitted on the training split only, thresholds on the validation split only; the
-   statistics take about 0.45 MB and one small matrix product each. Models exported before
-   the mid-level features (format 1) refuse at :data:`REFUSE_FACTOR` times the penultimate
-   flag distance.
+   statistics take about 0.4 MiB for the shipped model and one small matrix product each.
+   Models exported before the mid-level features (format 1) refuse at :data:`REFUSE_FACTOR`
+   times the penultimate flag distance.
 
 Outcomes: ``typical``; ``unlike_training`` (a radiograph unlike the training films: the
 answer is given, with a warning); ``not_a_chest_xray`` (refused with 422, or only flagged when
