@@ -372,7 +372,9 @@ def test_input_check_setting_is_validated() -> None:
         Settings(input_check="off")
 
 
-def test_score_rows_carry_the_refusal_as_their_error(guarded_model: Path, tmp_path: Path) -> None:
+def test_score_rows_carry_the_refusal_as_their_error_or_flag_it(
+    guarded_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pneumonia.cli import main
 
     folder = tmp_path / "archive"
@@ -404,10 +406,22 @@ def test_score_rows_carry_the_refusal_as_their_error(guarded_model: Path, tmp_pa
         "NORMAL",
         "PNEUMONIA",
     )
+    assert rows["film.jpeg"]["input_check"] in (TYPICAL, UNLIKE_TRAINING)
     for name in ("page.png", "blank.png"):
         assert (
             rows[name]["error"].startswith("not_a_chest_xray: ") and rows[name]["prediction"] == ""
         )
+        assert rows[name]["input_check"] == NOT_A_CHEST_XRAY
+    # --flag-only: the same images scored, flagged, in a fresh output; the summary counts them.
+    flagged = tmp_path / "flagged.csv"
+    args = ["score", str(folder), "--out", str(flagged), "--model", str(guarded_model)]
+    assert main([*args, "--workers", "2", "--flag-only", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["input_check"][NOT_A_CHEST_XRAY] == 2 and summary["errors"] == {}
+    rows = {r["path"]: r for r in csv.DictReader(flagged.open())}
+    for name in ("page.png", "blank.png"):
+        assert rows[name]["error"] == "" and rows[name]["prediction"] in ("NORMAL", "PNEUMONIA")
+        assert rows[name]["input_check"] == NOT_A_CHEST_XRAY
 
 
 def test_cli_predict_refuses_or_flags(

@@ -185,7 +185,7 @@ def test_parquet_of_bytes_is_keyed_by_id_and_matches_the_files(
     rows = by_key(read_rows(tmp_path / "etl.csv"))
     with (tmp_path / "etl.csv").open() as f:
         assert f.readline().startswith(
-            "id,sha256,prediction,p_normal,p_pneumonia,threshold,model_sha256,error"
+            "id,sha256,prediction,p_normal,p_pneumonia,threshold,model_sha256,input_check,error"
         )
     assert rows["999"].error_code == "empty_file"
     files = by_key(run(archive, tmp_path / "files.csv", tiny_model))
@@ -295,8 +295,19 @@ def test_output_keyed_differently_is_refused(
     archive: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.csv"
-    out.write_text("id,sha256,prediction,p_normal,p_pneumonia,threshold,model_sha256,error\n")
+    out.write_text(
+        "id,sha256,prediction,p_normal,p_pneumonia,threshold,model_sha256,input_check,error\n"
+    )
     with pytest.raises(ScoreError, match="keyed by 'id'"):
+        run(archive, out, tiny_model)
+
+
+def test_output_of_an_older_version_is_refused_not_misread(
+    archive: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.csv"  # the columns before input_check existed
+    out.write_text("path,sha256,prediction,p_normal,p_pneumonia,threshold,model_sha256,error\n")
+    with pytest.raises(ScoreError, match="another version"):
         run(archive, out, tiny_model)
 
 

@@ -403,6 +403,7 @@ def cmd_score(a: argparse.Namespace) -> int:
             part_rows=a.part_rows,
             address=a.address,
             progress=not a.no_progress,
+            refuse=not a.flag_only,
         )
     except ScoreError as exc:
         print(f"pneumonia score: error: {exc}", file=sys.stderr)
@@ -725,6 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--id-column", default="id", help="Parquet-of-bytes column of image ids")
     sc.add_argument("--bytes-column", help="Parquet-of-bytes image column (default: binary column)")
     sc.add_argument("--part-rows", type=int, default=1000, help="rows per part saved while scoring")
+    sc.add_argument(
+        "--flag-only",
+        action="store_true",
+        help="score images the input check finds are not chest X-rays (input_check column "
+        "not_a_chest_xray) instead of making them error rows; resume with the same setting",
+    )
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=cmd_score)
     rc = sub.add_parser(

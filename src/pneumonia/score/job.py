@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class ScoreSummary:
         scored: Images scored by this run.
         resumed: Images found already scored in OUT or its parts.
         seconds: Time spent scoring in this run.
+        input_check: Rows per input check outcome (``typical``, ``unlike_training``,
+            ``not_a_chest_xray``).
     """
 
     out: Path
@@ -37,6 +39,7 @@ class ScoreSummary:
     scored: int
     resumed: int
     seconds: float
+    input_check: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -48,6 +51,7 @@ class ScoreSummary:
             "rows": self.rows,
             "labels": self.labels,
             "errors": self.errors,
+            "input_check": self.input_check,
             "scored": self.scored,
             "resumed": self.resumed,
             "seconds": round(self.seconds, 3),
@@ -66,6 +70,7 @@ def score_archive(
     part_rows: int = 1000,
     address: str | None = None,
     progress: bool = False,
+    refuse: bool = True,
 ) -> ScoreSummary:
     """Score every image of ``source`` into ``out``, resuming whatever an earlier run left.
 
@@ -80,6 +85,9 @@ def score_archive(
         part_rows: Rows per saved part (at most this many are lost on a hard kill).
         address: Ray cluster address (``ray`` engine only); default: a local Ray instance.
         progress: Draw a progress bar with images/s and time left.
+        refuse: Images the input check finds are not chest X-rays become error rows
+            (``not_a_chest_xray``); False scores them, flagged in ``input_check`` (use the same
+            setting when resuming a job).
 
     Raises:
         ScoreError: bad arguments, an output of another model or input kind, a missing
@@ -92,7 +100,7 @@ def score_archive(
         raise ScoreError("--address only applies to --engine ray")
     if batch_size < 1 or (workers is not None and workers < 1):
         raise ScoreError(f"batch size and workers must be >= 1, got {batch_size} and {workers}")
-    predictor = Predictor(model_path, threads=1)
+    predictor = Predictor(model_path, threads=1, refuse=refuse)
     with ScoreOutput(Path(out), source.key_name, predictor.sha256, part_rows=part_rows) as output:
         done = output.done
         resumed = len(done)
@@ -131,4 +139,6 @@ def score_archive(
         seconds = time.monotonic() - start
         tally = output.commit()
     t = tally.to_dict()
-    return ScoreSummary(Path(out), t["rows"], t["labels"], t["errors"], scored, resumed, seconds)
+    return ScoreSummary(
+        Path(out), t["rows"], t["labels"], t["errors"], scored, resumed, seconds, t["input_check"]
+    )

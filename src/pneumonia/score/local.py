@@ -30,18 +30,18 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 # Process pools carry per-worker state only through module scope: this cache holds the one
 # Predictor of a worker process, loaded by the pool initializer.
 @functools.cache
-def _worker_predictor(model_path: str) -> Predictor:
-    return Predictor(model_path, threads=1)
+def _worker_predictor(model_path: str, refuse: bool) -> Predictor:
+    return Predictor(model_path, threads=1, refuse=refuse)
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(model_path: str, refuse: bool) -> None:
     # Ctrl-C reaches the whole process group; only the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_predictor(model_path)
+    _worker_predictor(model_path, refuse)
 
 
-def _score_batch(model_path: str, batch: list[Item]) -> list[ScoreRow]:
-    return score_items(_worker_predictor(model_path), batch)
+def _score_batch(model_path: str, refuse: bool, batch: list[Item]) -> list[ScoreRow]:
+    return score_items(_worker_predictor(model_path, refuse), batch)
 
 
 def iter_local(
@@ -57,7 +57,8 @@ def iter_local(
     Args:
         items: What to score (read lazily).
         model_path: The model each worker loads.
-        predictor: An already loaded model, used when ``workers == 1`` (no pool).
+        predictor: An already loaded model, used when ``workers == 1`` (no pool); workers
+            load theirs with its ``refuse`` setting.
         workers: Worker processes; 1 scores in this process.
         batch_size: Images per inference batch.
 
@@ -73,12 +74,12 @@ def iter_local(
         max_workers=workers,
         mp_context=get_context("spawn"),  # no fork of a process holding onnxruntime threads
         initializer=_init_worker,
-        initargs=(str(model_path),),
+        initargs=(str(model_path), predictor.refuse),
     )
     pending: deque[Future[list[ScoreRow]]] = deque()
     try:
         for batch in batches:
-            pending.append(pool.submit(_score_batch, str(model_path), batch))
+            pending.append(pool.submit(_score_batch, str(model_path), predictor.refuse, batch))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:

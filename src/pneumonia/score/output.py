@@ -39,8 +39,8 @@ class RowFormat(Protocol):
         """Context manager giving ``write(rows)``; the file is fsynced on close."""
         ...
 
-    def read(self, path: Path) -> tuple[str, Iterator[list[ScoreRow]]]:
-        """(name of the key column, batches of rows)."""
+    def read(self, path: Path) -> tuple[tuple[str, ...], Iterator[list[ScoreRow]]]:
+        """(the column names, batches of rows)."""
         ...
 
 
@@ -74,10 +74,10 @@ class CsvFormat:
             yield _W
             _fsync(f)
 
-    def read(self, path: Path) -> tuple[str, Iterator[list[ScoreRow]]]:
+    def read(self, path: Path) -> tuple[tuple[str, ...], Iterator[list[ScoreRow]]]:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [""])
-        return header[0], self._rows(path)
+        return tuple(header), self._rows(path)
 
     @staticmethod
     def _rows(path: Path) -> Iterator[list[ScoreRow]]:
@@ -91,10 +91,18 @@ class CsvFormat:
             reader = csv.reader(f)
             next(reader, None)
             batch: list[ScoreRow] = []
-            for key, sha, pred, pn, pp, thr, model, err in reader:
+            for key, sha, pred, pn, pp, thr, model, check, err in reader:
                 batch.append(
                     ScoreRow(
-                        key, opt(sha), opt(pred), num(pn), num(pp), float(thr), model, opt(err)
+                        key,
+                        opt(sha),
+                        opt(pred),
+                        num(pn),
+                        num(pp),
+                        float(thr),
+                        model,
+                        opt(check),
+                        opt(err),
                     )
                 )
                 if len(batch) >= _READ_BATCH:
@@ -115,7 +123,7 @@ class ParquetFormat:
     def schema(self, key_name: str) -> Any:
         pa = self.pa
         s, f = pa.string(), pa.float64()
-        return pa.schema(list(zip(columns(key_name), (s, s, s, f, f, f, s, s), strict=True)))
+        return pa.schema(list(zip(columns(key_name), (s, s, s, f, f, f, s, s, s), strict=True)))
 
     @contextmanager
     def writer(self, path: Path, key_name: str) -> Iterator[Any]:
@@ -139,9 +147,9 @@ class ParquetFormat:
             pw.close()
             _fsync(f)
 
-    def read(self, path: Path) -> tuple[str, Iterator[list[ScoreRow]]]:
+    def read(self, path: Path) -> tuple[tuple[str, ...], Iterator[list[ScoreRow]]]:
         pf = self.pa.parquet.ParquetFile(path)
-        return pf.schema_arrow.names[0], self._rows(pf)
+        return tuple(pf.schema_arrow.names), self._rows(pf)
 
     @staticmethod
     def _rows(pf: Any) -> Iterator[list[ScoreRow]]:
@@ -161,16 +169,19 @@ def format_for(out: Path) -> RowFormat:
 
 @dataclass
 class Tally:
-    """Rows by prediction and by error code."""
+    """Rows by prediction, by error code and by the input check's outcome."""
 
     labels: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    checks: Counter[str] = field(default_factory=Counter)
 
     def add(self, row: ScoreRow) -> None:
         if row.error_code:
             self.errors[row.error_code] += 1
         elif row.prediction:
             self.labels[row.prediction] += 1
+        if row.input_check:
+            self.checks[row.input_check] += 1
 
     @property
     def rows(self) -> int:
@@ -181,6 +192,7 @@ class Tally:
             "rows": self.rows,
             "labels": {k: self.labels[k] for k in LABELS},
             "errors": dict(sorted(self.errors.items())),
+            "input_check": dict(sorted(self.checks.items())),
         }
 
 
@@ -262,10 +274,16 @@ class ScoreOutput:
         self.done.clear()
         self.tally = Tally()
         for src in ([self.out] if self.out.is_file() else []) + list(parts):
-            key_name, batches = self.format.read(src)
-            if key_name != self.key_name:
+            names, batches = self.format.read(src)
+            if names[:1] != (self.key_name,):
                 raise ScoreError(
-                    f"{src} is keyed by {key_name!r} but this input by {self.key_name!r}; "
+                    f"{src} is keyed by {names[0] if names else ''!r} but this input by "
+                    f"{self.key_name!r}; choose another --out"
+                )
+            if names != columns(self.key_name):
+                raise ScoreError(
+                    f"{src} has the columns {list(names)}, written by another version of "
+                    f"pneumonia score (this one writes {list(columns(self.key_name))}); "
                     "choose another --out"
                 )
             for batch in batches:

@@ -55,9 +55,14 @@ class RayScorer:
     """Ray Data callable class: one Predictor per actor, one Arrow batch in, rows out."""
 
     def __init__(
-        self, model_path: str, key_column: str, bytes_column: str, skip: frozenset[str]
+        self,
+        model_path: str,
+        key_column: str,
+        bytes_column: str,
+        skip: frozenset[str],
+        refuse: bool = True,
     ) -> None:
-        self.predictor = Predictor(model_path, threads=1)
+        self.predictor = Predictor(model_path, threads=1, refuse=refuse)
         self.key_column = key_column
         self.bytes_column = bytes_column
         self.skip = skip
@@ -86,7 +91,8 @@ def iter_ray(
     Args:
         source: What to score.
         model_path: The model every actor loads.
-        predictor: The driver's model, for files Ray cannot read.
+        predictor: The driver's model, for files Ray cannot read; actors load theirs with
+            its ``refuse`` setting.
         skip: Keys already in the output.
         workers: Predictor actors (one CPU each); default: the CPUs of this machine, or
             those of the cluster less one.
@@ -134,7 +140,13 @@ def iter_ray(
             )
             ds = ds.map_batches(
                 RayScorer,
-                fn_constructor_args=(str(model_path), source.id_column, source.bytes_column, skip),
+                fn_constructor_args=(
+                    str(model_path),
+                    source.id_column,
+                    source.bytes_column,
+                    skip,
+                    predictor.refuse,
+                ),
                 **map_kw,
             )
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -154,7 +166,13 @@ def iter_ray(
             )
             ds = ds.map_batches(
                 RayScorer,
-                fn_constructor_args=(str(model_path), "path", "bytes", frozenset()),
+                fn_constructor_args=(
+                    str(model_path),
+                    "path",
+                    "bytes",
+                    frozenset(),
+                    predictor.refuse,
+                ),
                 **map_kw,
             )
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -25,6 +25,7 @@ VALUE_COLUMNS = (
     "p_pneumonia",
     "threshold",
     "model_sha256",
+    "input_check",
     "error",
 )
 
@@ -44,7 +45,12 @@ class Item(NamedTuple):
 
 
 class ScoreRow(NamedTuple):
-    """One image's result. ``error`` ("code: message") is set when it could not be scored."""
+    """One image's result. ``error`` ("code: message") is set when it could not be scored.
+
+    ``input_check`` is the input check's outcome (pneumonia.guard): ``typical``,
+    ``unlike_training`` (scored, but unlike the films the model was validated on) or
+    ``not_a_chest_xray`` (an error row, or scored and flagged with ``--flag-only``); empty for
+    files that could not be read or decoded."""
 
     key: str
     sha256: str | None
@@ -53,6 +59,7 @@ class ScoreRow(NamedTuple):
     p_pneumonia: float | None
     threshold: float
     model_sha256: str
+    input_check: str | None
     error: str | None
 
     @property
@@ -66,10 +73,23 @@ def columns(key_name: str) -> tuple[str, ...]:
 
 
 def _error_row(
-    predictor: Predictor, key: str, sha256: str | None, code: str, message: str
+    predictor: Predictor,
+    key: str,
+    sha256: str | None,
+    code: str,
+    message: str,
+    input_check: str | None = None,
 ) -> ScoreRow:
     return ScoreRow(
-        key, sha256, None, None, None, predictor.threshold, predictor.sha256, f"{code}: {message}"
+        key,
+        sha256,
+        None,
+        None,
+        None,
+        predictor.threshold,
+        predictor.sha256,
+        input_check,
+        f"{code}: {message}",
     )
 
 
@@ -111,7 +131,7 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
         preds = predictor.predict_prepared(arrays)
         for (i, sha), p in zip(good, preds, strict=True):
             if isinstance(p, ImageError):  # refused by the input check
-                rows[i] = _error_row(predictor, items[i].key, sha, p.code, p.message)
+                rows[i] = _error_row(predictor, items[i].key, sha, p.code, p.message, p.code)
                 continue
             rows[i] = ScoreRow(
                 items[i].key,
@@ -121,6 +141,7 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
                 p.p_pneumonia,
                 p.threshold,
                 predictor.sha256,
+                p.check.outcome if p.check is not None else None,
                 None,
             )
     return [r for r in rows if r is not None]
