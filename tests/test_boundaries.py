@@ -9,6 +9,7 @@ module, in the command's process and in every process it spawns (the scoring poo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -251,3 +252,29 @@ def test_evaluate_without_plotting_says_so_before_loading_anything(
     assert out.returncode == 2
     assert "`plots` extra" in out.stderr and "Traceback" not in out.stderr
     assert attempts(report) == ["matplotlib pneumonia.plots"]
+
+
+def test_serving_commands_run_numpy_on_one_blas_thread(tiny_model: Path, tmp_path: Path) -> None:
+    """A BLAS thread per core spins on the input check's small products and takes CPU from
+    onnxruntime; `predict` (like `serve` and `score`) starts numpy with one, unless told."""
+    pytest.importorskip("threadpoolctl")
+    image = tmp_path / "x.jpeg"
+    image.write_bytes(jpeg_bytes())
+    script = f"""
+import json, threadpoolctl
+from pneumonia.cli import main
+assert main(["predict", {str(image)!r}, "--model", {str(tiny_model)!r}]) == 0
+print(json.dumps([i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    for extra, want in (({}, 1), ({"OPENBLAS_NUM_THREADS": "2"}, 2)):
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        threads = json.loads(out.stdout.strip().splitlines()[-1])
+        assert threads and all(t == want for t in threads), (extra, threads)
