@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -109,3 +110,14 @@ def running_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def served_statuses(records: list[dict[str, Any]]) -> list[int]:
+    """The statuses of the server's request log lines, less the readiness probes that
+    :func:`running_server` sends while warm-up runs (their 503 ``not_ready`` is the designed
+    answer; whether a probe lands inside the warm-up is a race)."""
+    return [
+        int(r["status"])
+        for r in records
+        if r.get("message") == "request" and not (r.get("path") == "/ready" and r["status"] == 503)
+    ]

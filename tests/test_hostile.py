@@ -40,7 +40,7 @@ from benchmarks.common import (
     tree_memory_mib,
 )
 from conftest import encode, synthetic_xray
-from serve_util import PREDICT_KEYS, ServerProcess, running_server
+from serve_util import PREDICT_KEYS, ServerProcess, running_server, served_statuses
 
 pytestmark = pytest.mark.slow
 
@@ -878,13 +878,7 @@ def test_no_unhandled_error_was_logged(hostile: Hostile) -> None:
     records = [json.loads(x) for x in hostile.server.stderr().splitlines() if x.startswith("{")]
     assert records, "no JSON log lines"
     assert [r for r in records if r["level"] in ("ERROR", "CRITICAL")] == []
-    # The fixture polls /ready until warm-up ends; its designed 503 not_ready is not an error
-    # (on a busy machine warm-up outlasts the first poll).
-    statuses = [
-        r["status"]
-        for r in records
-        if r.get("message") == "request" and not (r.get("path") == "/ready" and r["status"] == 503)
-    ]
+    statuses = served_statuses(records)
     assert statuses and max(statuses) < 500
     assert "Traceback" not in hostile.server.stderr()
 
