@@ -6,6 +6,7 @@ here are refused as not chest X-rays; a film far from the training films' featur
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -488,3 +489,28 @@ def test_card_shows_the_measured_rates_of_this_file_only(guarded_model: Path) ->
     assert "| validation films | 4 | 0 (0.00%) | 1 (25.00%) |" in text
     with pytest.raises(ValueError, match="another model file"):
         render_model_card(card, input_check={**bench, "model": {"sha256": "0" * 64}})
+
+
+def test_a_failed_export_leaves_the_previous_model_whole(
+    guarded_run: Path, guarded_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pneumonia import atomic
+    from pneumonia.training.export import export_run
+
+    out = tmp_path / "served.onnx"
+    shutil.copy(guarded_model, out)
+    shutil.copy(guarded_model.with_suffix(".card.json"), out.with_suffix(".card.json"))
+    before = out.read_bytes()
+    real = atomic.replacing
+
+    def fail_midway(path: Path) -> Any:
+        with real(path) as f:
+            f.write(b"half a model")
+            raise OSError("disk full")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(atomic, "replacing", contextlib.contextmanager(fail_midway))
+    with pytest.raises(OSError, match="disk full"):
+        export_run(guarded_run, out)
+    assert out.read_bytes() == before and Predictor(out).guard is not None
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []

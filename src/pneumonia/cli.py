@@ -338,6 +338,7 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_card(a: argparse.Namespace) -> int:
+    from pneumonia import atomic
     from pneumonia.predictor import sidecar_card_path
     from pneumonia.training.export import render_model_card
 
@@ -355,7 +356,7 @@ def cmd_card(a: argparse.Namespace) -> int:
         from pneumonia.recalibrate import render_site_section
 
         text += "\n" + render_site_section(card)
-    a.out.write_text(text)
+    atomic.write_text(a.out, text)
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia import __version__
+from pneumonia import __version__, atomic
 from pneumonia.guard import EMBEDDING_OUTPUT, GUARD_METADATA_KEY, FeatureGuard, image_check_limits
 from pneumonia.labels import LABELS
 from pneumonia.predictor import (
@@ -210,11 +210,12 @@ def export_run(run_dir: Path, out: Path, name: str | None = None) -> dict[str, A
     proto.producer_name = "pneumonia-detection"
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
+    # Each file whole or not at all: a model being served from OUT is never seen half-written.
+    atomic.write_bytes(out, proto.SerializeToString())
 
     sidecar = {**card, "sha256": sha256_file(out), "file": out.name, "bytes": out.stat().st_size}
-    sidecar_card_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
-    out.with_suffix(".card.md").write_text(render_model_card(sidecar))
+    atomic.write_text(sidecar_card_path(out), json.dumps(sidecar, indent=2) + "\n")
+    atomic.write_text(out.with_suffix(".card.md"), render_model_card(sidecar))
 
     # Parity: the exported graph must reproduce the PyTorch ensemble.
     check = torch.rand(4, *cfg.preprocess.input_shape, generator=torch.Generator().manual_seed(0))
