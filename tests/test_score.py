@@ -368,9 +368,11 @@ def test_cli_scores_prints_a_summary_and_a_rerun_does_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_on_the_process_pool_then_rerun_completes_the_file(
-    archive: Path, tiny_model: Path, tmp_path: Path
+    archive: Path, tiny_model: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
+    """The first signal stops the job after the batch in hand; the rerun finishes it."""
     big = tmp_path / "big"
     files = sorted(p for p in (archive / "2019").rglob("*.jpeg"))
     for k in range(60):  # 480 links: long enough to interrupt, cheap to make
@@ -396,7 +398,7 @@ def test_ctrl_c_on_the_process_pool_then_rerun_completes_the_file(
     deadline = time.monotonic() + 60
     while not any(parts.glob("part-*.csv")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.fail("the run finished before it could be interrupted; give it more images")

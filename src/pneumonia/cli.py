@@ -383,14 +383,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_score(a: argparse.Namespace) -> int:
     import signal
+    import threading
 
     from pneumonia.predictor import default_model_path
     from pneumonia.score import ScoreError, open_input, score_archive
 
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # a killed job keeps its finished rows, as on Ctrl-C
+    # The first Ctrl-C or SIGTERM asks the job to stop after the batch in hand (a
+    # KeyboardInterrupt raised anywhere, say inside the process pool's bookkeeping, could leave
+    # it hanging); a second one interrupts at once. Either way the finished rows are kept.
+    stop = threading.Event()
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    def _stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         source = open_input(
             a.input, path_column=a.path_column, id_column=a.id_column, bytes_column=a.bytes_column
@@ -406,6 +414,7 @@ def cmd_score(a: argparse.Namespace) -> int:
             address=a.address,
             progress=not a.no_progress,
             refuse=not a.flag_only,
+            stop=stop,
         )
     except ScoreError as exc:
         print(f"pneumonia score: error: {exc}", file=sys.stderr)
@@ -418,7 +427,8 @@ def cmd_score(a: argparse.Namespace) -> int:
         )
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     labels = ", ".join(f"{k} {v}" for k, v in summary.labels.items())
     log.info(
         "%d rows in %s (%s, %d errors); this run scored %d images at %.1f images/s",

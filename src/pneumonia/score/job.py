@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ def score_archive(
     address: str | None = None,
     progress: bool = False,
     refuse: bool = True,
+    stop: threading.Event | None = None,
 ) -> ScoreSummary:
     """Score every image of ``source`` into ``out``, resuming whatever an earlier run left.
 
@@ -88,6 +90,8 @@ def score_archive(
         refuse: Images the input check finds are not chest X-rays become error rows
             (``not_a_chest_xray``); False scores them, flagged in ``input_check`` (use the same
             setting when resuming a job).
+        stop: Set (by a signal handler) to stop after the batch in hand: raises
+            ``KeyboardInterrupt`` there, with every finished row saved.
 
     Raises:
         ScoreError: bad arguments, an output of another model or input kind, a missing
@@ -132,10 +136,17 @@ def score_archive(
                     workers=workers or available_cpus(),
                     batch_size=batch_size,
                 )
-            for rows in batches:
-                output.add(rows)
-                scored += len(rows)
-                bar.update(len(rows))
+            try:
+                for rows in batches:
+                    output.add(rows)
+                    scored += len(rows)
+                    bar.update(len(rows))
+                    if stop is not None and stop.is_set():
+                        # Here, between batches, nothing is half-done: the engine's pool is
+                        # shut down by closing it, the finished rows are flushed on the way out.
+                        raise KeyboardInterrupt
+            finally:
+                batches.close()
         seconds = time.monotonic() - start
         tally = output.commit()
     t = tally.to_dict()

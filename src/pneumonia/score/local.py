@@ -11,7 +11,7 @@ import functools
 import itertools
 import signal
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -51,7 +51,7 @@ def iter_local(
     *,
     workers: int,
     batch_size: int,
-) -> Iterator[list[ScoreRow]]:
+) -> Generator[list[ScoreRow], None, None]:
     """Score ``items`` in batches, yielding each batch's rows in input order.
 
     Args:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def iter_ray(
     workers: int | None,
     batch_size: int,
     address: str | None,
-) -> Iterator[list[ScoreRow]]:
+) -> Generator[list[ScoreRow], None, None]:
     """Score ``source`` on Ray Data, yielding rows as the driver receives them.
 
     Args:
