@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pneumonia.data import load_images
 from pneumonia.guard import Ppca, image_reasons
@@ -53,20 +52,15 @@ def log(msg: str) -> None:
 
 def stage_stats(net: EfficientNetLite0, x: np.ndarray, chunk: int = 128) -> dict[str, np.ndarray]:
     """Pooled statistics of every stage output ("s0".."s6") and the penultimate mean ("head")."""
-    ends = set(np.cumsum([s[0] for s in LITE0_STAGES]) - 1)
     acc: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for i in range(0, len(x), chunk):
-            h = (torch.from_numpy(x[i : i + chunk]) - 0.5) / 0.5
-            h = F.relu6(net._bn0(net._conv_stem(h)))
-            stage = 0
-            for j, block in enumerate(net._blocks):
-                h = block(h)
-                if j in ends:
-                    acc.setdefault(f"s{stage}", []).append(pooled_stats(h).numpy())
-                    stage += 1
-            head = F.relu6(net._bn1(net._conv_head(h))).mean(dim=(2, 3))
-            acc.setdefault("head", []).append(head.numpy())
+            last, outs = net.stage_outputs(
+                torch.from_numpy(x[i : i + chunk]), range(len(LITE0_STAGES))
+            )
+            for stage, out in enumerate(outs):
+                acc.setdefault(f"s{stage}", []).append(pooled_stats(out).numpy())
+            acc.setdefault("head", []).append(last.mean(dim=(2, 3)).numpy())
     return {k: np.concatenate(v) for k, v in acc.items()}
 
 

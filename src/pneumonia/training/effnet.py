@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,25 +149,27 @@ class EfficientNetLite0(nn.Module):
                     )
                 )
         self._blocks = nn.ModuleList(blocks)
-        # Index of the last block of each MID_STAGES stage.
-        ends = list(itertools.accumulate(s.repeats for s in stages))
-        self._mid_ends = frozenset(ends[i] - 1 for i in MID_STAGES)
+        # Index of the last block of each stage.
+        self._stage_ends = tuple(e - 1 for e in itertools.accumulate(s.repeats for s in stages))
         self._conv_head = SameConv2d(stages[-1].cout, HEAD_CHANNELS, 1, bias=False)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(HEAD_CHANNELS, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._maps(x)[0]
+        return self.stage_outputs(x, ())[0]
 
-    def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(the last feature map, the outputs of the ``MID_STAGES``)."""
+    def stage_outputs(
+        self, x: torch.Tensor, stages: Iterable[int] = MID_STAGES
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the last feature map, the outputs of ``stages`` (0-based), in stage order)."""
+        ends = {self._stage_ends[i] for i in stages}
         x = (x - 0.5) / 0.5
         x = F.relu6(self._bn0(self._conv_stem(x)))
         kept = []
         for i, block in enumerate(self._blocks):
             x = block(x)
-            if i in self._mid_ends:
+            if i in ends:
                 kept.append(x)
         return F.relu6(self._bn1(self._conv_head(x))), kept
 
@@ -188,7 +191,7 @@ class EfficientNetLite0(nn.Module):
     def guard_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """In one pass: ``embed(x)`` and the channel means and standard deviations of the
         ``MID_STAGES`` outputs (N, 608), which the input check reads."""
-        last, mids = self._maps(x)
+        last, mids = self.stage_outputs(x)
         return last.mean(dim=(2, 3)), torch.cat([pooled_stats(m) for m in mids], dim=1)
 
 
