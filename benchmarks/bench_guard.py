@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.guard import NOT_A_CHEST_XRAY, OUTCOMES, UNLIKE_TRAINING
+from pneumonia.guard import NOT_A_CHEST_XRAY, OUTCOMES, UNLIKE_TRAINING, rates_table
 from pneumonia.predictor import Predictor
 from pneumonia.preprocess import ImageError
 from pneumonia.preprocess import Preprocessed as Prepared
@@ -208,17 +208,7 @@ def main() -> int:
     if sample:
         report["cost"] = cost(predictor, sample)
 
-    print("| set | images | refused as not a chest X-ray | flagged unlike training |")
-    print("|---|---|---|---|")
-    for kind, r in report["kinds"].items():
-        print(
-            f"| non-radiographs: {kind} | {r['n']} | {r['refused']} ({r['refused_rate']:.1%}) | {r['flagged']} |"
-        )
-    for name, r in report["films"].items():
-        print(
-            f"| {name} films | {r['n']} | {r['refused']} ({r['refused_rate']:.2%}) "
-            f"| {r['flagged']} ({r['flagged_rate']:.2%}) |"
-        )
+    print("\n".join(rates_table(report["kinds"], report["films"])))
     if "cost" in report:
         c = report["cost"]
         print(

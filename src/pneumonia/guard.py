@@ -436,6 +436,25 @@ class FeatureGuard:
         return guard
 
 
+def rates_table(kinds: dict[str, Any], films: dict[str, Any]) -> list[str]:
+    """Markdown table of measured rates (``benchmarks/bench_guard.py``'s ``kinds`` and
+    ``films``): refused per kind of non-radiograph, refused and flagged chest films."""
+    lines = [
+        "| set | images | refused as not a chest X-ray | flagged unlike training |",
+        "|---|---|---|---|",
+    ]
+    for kind, r in kinds.items():
+        lines.append(
+            f"| non-radiographs: {kind} | {r['n']} | {r['refused']} ({r['refused_rate']:.1%}) | {r['flagged']} |"
+        )
+    for name, r in films.items():
+        lines.append(
+            f"| {name} films | {r['n']} | {r['refused']} ({r['refused_rate']:.2%}) "
+            f"| {r['flagged']} ({r['flagged_rate']:.2%}) |"
+        )
+    return lines
+
+
 def image_check_limits() -> dict[str, float]:
     return {
         "max_colour_fraction": MAX_COLOUR_FRACTION,

@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from pneumonia import __version__, atomic
-from pneumonia.guard import EMBEDDING_OUTPUT, GUARD_METADATA_KEY, FeatureGuard, image_check_limits
+from pneumonia.guard import (
+    EMBEDDING_OUTPUT,
+    GUARD_METADATA_KEY,
+    FeatureGuard,
+    image_check_limits,
+    rates_table,
+)
 from pneumonia.labels import LABELS
 from pneumonia.predictor import (
     CARD_METADATA_KEY,
@@ -458,18 +464,8 @@ def input_check_measured(bench: dict[str, Any], sha256: str | None) -> list[str]
         "every outcome is counted; the non-radiographs are an evaluation set the check was not "
         "designed on, docs/input_check.md):",
         "",
-        "| set | images | refused as not a chest X-ray | flagged unlike training |",
-        "|---|---|---|---|",
+        *rates_table(bench.get("kinds", {}), bench.get("films", {})),
     ]
-    for kind, r in bench.get("kinds", {}).items():
-        lines.append(
-            f"| non-radiographs: {kind} | {r['n']} | {r['refused']} ({r['refused_rate']:.1%}) | {r['flagged']} |"
-        )
-    for name, r in bench.get("films", {}).items():
-        lines.append(
-            f"| {name} films | {r['n']} | {r['refused']} ({r['refused_rate']:.2%}) "
-            f"| {r['flagged']} ({r['flagged_rate']:.2%}) |"
-        )
     return [*lines, ""]
 
 
