@@ -350,10 +350,9 @@ class FeatureGuard:
             refusal = float(refusing[i] / self.refuse_distance)
             why = list(why)
             if refusal > 1:
-                what = "mid-level" if mid is not None else ""
+                part = "mid-level features" if mid is not None else "features"
                 why.append(
-                    f"its {what + ' ' if what else ''}features are {refusal:.2f}x the refusal "
-                    "distance from the training films'"
+                    f"its {part} are {refusal:.2f}x the refusal distance from the training films'"
                 )
             if why:
                 out.append(InputCheck(NOT_A_CHEST_XRAY, score, tuple(why), refusal))
