@@ -13,11 +13,15 @@ PIP := $(BIN)/python -m pip
 
 # `make train DATA=...`, `make evaluate DATA=...`: a Kaggle-layout folder (train/ and test/ inside).
 DATA ?= ../shared/data/chest_xray
+# What DATA is, for the model card and the test-look ledger (datasets/README.md).
+DATASET ?= datasets/kermany-2018.json
+# The model's own version in its card: a release sets it (docs/model.md), e.g. make ship MODEL_VERSION=3.0.0.
+MODEL_VERSION ?= 0.1.0
 RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship bench guard-bench load \
+.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship cards bench guard-bench load \
 	container container-original clean
 
 $(BIN)/python:
@@ -76,24 +80,32 @@ evaluate: install-test
 # Rebuild everything under artifacts/ from the data: the shipped CNN (default config), the
 # logistic-regression baseline, their test-set reports and plots, and the model card.
 ship: install-test
-	$(BIN)/pneumonia train --data $(DATA) --out runs/shipped --no-progress
+	$(BIN)/pneumonia train --data $(DATA) --dataset $(DATASET) --out runs/shipped --no-progress
 	$(BIN)/pneumonia guard fit runs/shipped --no-progress
-	$(BIN)/pneumonia export runs/shipped --out artifacts/model.onnx
+	$(BIN)/pneumonia export runs/shipped --out artifacts/model.onnx --version $(MODEL_VERSION)
 	$(BIN)/pneumonia evaluate --model artifacts/model.onnx --data $(DATA) --json artifacts/eval/test.json \
 		--markdown artifacts/eval/test.md --plots artifacts/eval/plots --run-dir runs/shipped \
-		--predictions artifacts/eval/predictions.csv
-	$(BIN)/pneumonia train --data $(DATA) --out runs/baseline --arch logreg --size 192 --seeds 0 --epochs 24 \
-		--lr 2e-3 --schedule cosine --no-progress
+		--predictions artifacts/eval/predictions.csv --dataset $(DATASET) --ledger artifacts/test_looks.json
+	$(BIN)/pneumonia train --data $(DATA) --dataset $(DATASET) --out runs/baseline --arch logreg --size 192 \
+		--seeds 0 --epochs 24 --lr 2e-3 --schedule cosine --no-progress
 	$(BIN)/pneumonia guard fit runs/baseline --no-progress
-	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx
+	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx --version $(MODEL_VERSION)
 	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
 		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \
-		--plots artifacts/baseline/eval/plots --run-dir runs/baseline
+		--plots artifacts/baseline/eval/plots --run-dir runs/baseline --dataset $(DATASET) \
+		--ledger artifacts/test_looks.json
 	$(MAKE) guard-bench MODEL=artifacts/model.onnx RUN=runs/shipped
+	$(MAKE) cards
+
+# The committed Markdown cards, rendered from the model files, their test reports and the
+# test-look ledger (tests/test_card.py checks the committed ones are exactly this). Lean: no torch.
+cards: install-test
 	$(BIN)/pneumonia card --model artifacts/model.onnx --report artifacts/eval/test.json \
 		--baseline artifacts/baseline/eval/test.json --previous artifacts/v1/eval/test.json \
-		--previous-label "pneumonia-cnn v1 (first look at the test set)" \
-		--input-check-report runs/bench_guard.json --out artifacts/model.card.md
+		--previous-label "pneumonia-cnn 1.0.0 (v1)" --ledger artifacts/test_looks.json \
+		--out artifacts/model.card.md
+	$(BIN)/pneumonia card --model artifacts/baseline/model.onnx --report artifacts/baseline/eval/test.json \
+		--ledger artifacts/test_looks.json --out artifacts/baseline/model.card.md
 
 # The input check's refusal rate per kind of non-radiograph (photos, pages, screenshots, ...)
 # and its refusal and flag rates on the validation and test films (docs/input_check.md).

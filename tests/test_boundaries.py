@@ -278,3 +278,19 @@ print(json.dumps([i["num_threads"] for i in threadpoolctl.threadpool_info() if i
         assert out.returncode == 0, out.stderr
         threads = json.loads(out.stdout.strip().splitlines()[-1])
         assert threads and all(t == want for t in threads), (extra, threads)
+
+
+def test_card_renders_without_torch(tiny_model: Path, tmp_path: Path) -> None:
+    """`pneumonia card` is lean (issue 19): it once failed without torch (cli -> training.export
+    -> config -> model)."""
+    env, report = guard_env(tmp_path)
+    out = subprocess.run(
+        pneumonia_command("card", "--model", str(tiny_model), "--out", str(tmp_path / "c.md")),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "c.md").read_text().startswith("# Model card: pneumonia-tiny-test")
+    assert attempts(report) == []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from pneumonia.card import comparison_table
 from pneumonia.evaluate import (
     bootstrap_auc_ci,
     brier,
@@ -24,7 +25,6 @@ from pneumonia.evaluate import (
     threshold_metrics,
 )
 from pneumonia.plots import plot_report
-from pneumonia.training.export import comparison_table
 
 # Fixed arrays with ties inside and across classes.
 y_ties = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 1])

@@ -20,6 +20,14 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import encode, jpeg_bytes, synthetic_xray
+from pneumonia.card import (
+    CARD_METADATA_KEY,
+    read_model_card,
+    read_sidecar,
+    render_markdown,
+    weights_digest,
+    write_model,
+)
 from pneumonia.guard import (
     NOT_A_CHEST_XRAY,
     TYPICAL,
@@ -285,7 +293,15 @@ def test_a_model_without_the_embedding_output_still_loads_with_image_checks_only
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
     old = tmp_path / "old.onnx"
-    onnx.save(proto, str(old))
+    # The graph changed, so the card must name the new weights digest (pneumonia.card).
+    card, props, _ = read_model_card(tiny_model)
+    raw = proto.SerializeToString()
+    write_model(
+        old,
+        raw,
+        card.with_(weights_sha256=weights_digest(raw)),
+        {k: v for k, v in props.items() if k != CARD_METADATA_KEY},
+    )
     p = Predictor(old)
     assert p.guard is None and p.output_names == ("logit", "cam")
     pred = p.predict_bytes(jpeg_bytes())
@@ -475,20 +491,18 @@ def test_cli_evaluate_reports_how_many_it_would_refuse(
 
 
 def test_card_shows_the_measured_rates_of_this_file_only(guarded_model: Path) -> None:
-    from pneumonia.training.export import render_model_card
-
-    card = json.loads(guarded_model.with_suffix(".card.json").read_text())
+    card, ident = read_sidecar(guarded_model.with_suffix(".card.json"))
     rates = {"n": 4, "refused": 3, "flagged": 1, "refused_rate": 0.75, "flagged_rate": 0.25}
     bench = {
-        "model": {"sha256": card["sha256"]},
+        "model": {"sha256": ident["sha256"]},
         "kinds": {"photo": rates, "all": rates},
         "films": {"validation": {**rates, "refused": 0, "refused_rate": 0.0}},
     }
-    text = render_model_card(card, input_check=bench)
+    text = render_markdown(card, ident, input_check=bench)
     assert "| non-radiographs: photo | 4 | 3 (75.0%) | 1 |" in text
     assert "| validation films | 4 | 0 (0.00%) | 1 (25.00%) |" in text
     with pytest.raises(ValueError, match="another model file"):
-        render_model_card(card, input_check={**bench, "model": {"sha256": "0" * 64}})
+        render_markdown(card, ident, input_check={**bench, "model": {"sha256": "0" * 64}})
 
 
 def test_a_failed_export_leaves_the_previous_model_whole(

@@ -52,17 +52,19 @@ def test_card_carries_what_serving_needs(tiny_model: Path, tiny_card: dict) -> N
     for key in (
         "labels",
         "threshold",
-        "temperature",
-        "bias",
+        "calibration",
         "preprocess",
         "validation_metrics",
         "versions",
         "training",
         "intended_use",
+        "weights_sha256",
+        "schema_version",
     ):
         assert key in tiny_card
+    assert {"temperature", "bias", "fitted_on"} <= set(tiny_card["calibration"])
     assert tiny_card["sha256"] == sha256_file(tiny_model)
-    assert Predictor(tiny_model).card["preprocess"] == tiny_card["preprocess"]
+    assert Predictor(tiny_model).card.preprocess == tiny_card["preprocess"]
     md = tiny_model.with_suffix(".card.md").read_text()
     assert "Not a diagnostic device" in md or "not a diagnostic device" in md
 
@@ -160,7 +162,7 @@ def test_predict_cli_one_json_line_per_image(
     assert lines[0]["prediction"] in ("NORMAL", "PNEUMONIA")
     first = lines[0]
     # probability is that of the returned label; the label follows the shipped threshold.
-    assert first["probability"] == first["probabilities"][first["prediction"]]
+    assert first["probability"] == first["probabilities"]["PNEUMONIA"]  # issue 19
     assert (first["probabilities"]["PNEUMONIA"] >= first["threshold"]) == (
         first["prediction"] == "PNEUMONIA"
     )

@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 
 from pneumonia.calibration import sigmoid
+from pneumonia.card import read_metadata, with_metadata
 from pneumonia.cli import main
 from pneumonia.predictor import Predictor
 from pneumonia.recalibrate import (
     RANKING_NOTE,
     grouped_folds,
-    read_metadata,
     recalibrate_scores,
     refit,
     size_warnings,
-    with_metadata,
 )
 
 
@@ -163,15 +162,20 @@ def test_site_model_keeps_weights_and_provenance(
     np.testing.assert_array_equal(old.run(x)[0], new.run(x)[0])  # same weights, same logits
     for key in (
         "name",
-        "version",
         "training",
         "validation_metrics",
         "preprocess",
         "architecture",
         "versions",
+        "weights_sha256",
     ):
-        assert new.card[key] == old.card[key]
-    rec = new.card["site_recalibration"]
+        assert getattr(new.card, key) == getattr(old.card, key)
+    assert new.weights_sha256 == old.weights_sha256 and new.sha256 != old.sha256
+    assert new.card.version.startswith(old.card.version.split("+")[0] + "+site.")
+    (parent,) = new.card.lineage
+    assert (parent.name, parent.version, parent.sha256) == (old.name, old.version, old.sha256)
+    rec = new.card.site_recalibration
+    assert rec is not None
     assert (new.threshold, new.temperature, new.bias) == (
         rec["fitted"]["threshold"],
         rec["fitted"]["temperature"],
@@ -191,16 +195,15 @@ def test_site_model_keeps_weights_and_provenance(
         rec["site"]["counts"] == {"NORMAL": 12, "PNEUMONIA": 12} and rec["site"]["patients"] == 12
     )
     assert rec["site"]["ids_parsed"] == 24 and rec["date"]
-    assert new.card["threshold_rule"]["rule"] == "youden"
+    assert new.card.threshold_rule.rule == "youden"
+    assert new.card.threshold_rule.bound_by == "rule optimum"
+    assert "the site's films" in new.card.calibration.fitted_on
     assert any("too small" in w or "small for" in w for w in rec["warnings"])  # 24 films
     sidecar = json.loads(out.with_suffix(".card.json").read_text())
     assert sidecar["sha256"] == new.sha256 and sidecar["site_recalibration"]["site"] == rec["site"]
     md = out.with_suffix(".card.md").read_text()
-    assert (
-        "## Site recalibration" in md
-        and "## The original model's card" in md
-        and "### Intended use" in md
-    )
+    assert "## Site recalibration" in md and "## Intended use" in md
+    assert f"Comes from {old.name} {old.version}" in md
     assert report["before"]["ci95"]["auc"] == report["after"]["ci95"]["auc"]
 
 

@@ -81,13 +81,15 @@ def test_predict_jpeg_answers_every_field(client: TestClient, tiny_card: dict) -
     p = body["probabilities"]
     assert set(p) == {"NORMAL", "PNEUMONIA"}
     assert p["NORMAL"] + p["PNEUMONIA"] == pytest.approx(1.0)
-    assert body["probability"] == p[body["prediction"]]
+    # Regression (issue 19): P(PNEUMONIA) whatever the label, not the label's own probability.
+    assert body["probability"] == p["PNEUMONIA"]
     assert body["threshold"] == tiny_card["threshold"]
     assert (p["PNEUMONIA"] >= body["threshold"]) == (body["prediction"] == "PNEUMONIA")
     assert body["model"] == {
         "name": tiny_card["name"],
         "version": tiny_card["version"],
         "sha256": tiny_card["sha256"],
+        "weights_sha256": tiny_card["weights_sha256"],
     }
     assert body["processing_ms"] >= 0
     assert body["request_id"] == resp.headers["X-Request-ID"]
@@ -542,6 +544,7 @@ def test_health_ready_and_model_card(client: TestClient, tiny_card: dict) -> Non
             "name": tiny_card["name"],
             "version": tiny_card["version"],
             "sha256": tiny_card["sha256"],
+            "weights_sha256": tiny_card["weights_sha256"],
         },
     }
     card = client.get("/model").json()
@@ -549,8 +552,8 @@ def test_health_ready_and_model_card(client: TestClient, tiny_card: dict) -> Non
     for key in (
         "labels",
         "threshold",
-        "temperature",
-        "bias",
+        "threshold_rule",
+        "calibration",
         "preprocess",
         "intended_use",
         "limitations",

@@ -119,7 +119,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             print(f"pneumonia train: error: {resolved}", file=sys.stderr)
             return 2
         cfg, data, out = resolved
-        return _run_training(cfg, data, out, not a.no_progress, resume=True)
+        return _run_training(cfg, data, out, not a.no_progress, resume=True, dataset=a.dataset)
     if a.data is None or a.out is None:
         print(
             "pneumonia train: error: --data and --out are required (or --resume RUN_DIR)",
@@ -146,20 +146,29 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=a.size))
     if a.no_augment:
         cfg = replace(cfg, augment=replace(cfg.augment, enabled=False))
-    return _run_training(cfg, a.data, a.out, not a.no_progress, resume=False)
+    return _run_training(cfg, a.data, a.out, not a.no_progress, resume=False, dataset=a.dataset)
 
 
-def _run_training(cfg: TrainConfig, data: Path, out: Path, progress: bool, resume: bool) -> int:
+def _run_training(
+    cfg: TrainConfig, data: Path, out: Path, progress: bool, resume: bool, dataset: Path | None
+) -> int:
     import signal
 
+    from pneumonia.card import CardError, find_dataset
     from pneumonia.training.train import train
+
+    try:
+        descriptor = find_dataset(data, dataset)
+    except CardError as exc:
+        print(f"pneumonia train: error: {exc}", file=sys.stderr)
+        return 2
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # a stopped run keeps its finished epochs, as on Ctrl-C
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        record = train(cfg, data, out, progress=progress, resume=resume)
+        record = train(cfg, data, out, progress=progress, resume=resume, dataset=descriptor)
     except KeyboardInterrupt:
         print(
             f"pneumonia train: interrupted; the finished epochs are saved in {out}, "
@@ -204,12 +213,15 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from pneumonia.training.export import export_run
 
-    card = export_run(a.run_dir, a.out, name=a.name)
+    card = export_run(a.run_dir, a.out, name=a.name, version=a.model_version)
     print(
         json.dumps(
             {
                 "model": str(a.out),
+                "name": card["name"],
+                "version": card["version"],
                 "sha256": card["sha256"],
+                "weights_sha256": card["weights_sha256"],
                 "bytes": card["bytes"],
                 "threshold": card["threshold"],
             }
@@ -227,6 +239,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         from pneumonia.plots import plot_report, plot_training_curves
     predictor = _load_predictor(a.model)
     folder = a.data / a.split if is_npz(a.data) else resolve_split(a.data, a.split)
+    dataset = _evaluated_dataset(a, predictor)
     loaded = load_images(split_samples(a.data, a.split), predictor.spec, progress=not a.no_progress)
     probs, checks = predictor.probabilities_and_checks(loaded.x)
     outcomes = [c.outcome for c in checks]
@@ -237,11 +250,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         extra={
             "data": str(folder),
             "skipped": [[str(p), why] for p, why in loaded.skipped],
-            "model": {
-                "name": predictor.name,
-                "version": predictor.version,
-                "sha256": predictor.sha256,
-            },
+            "dataset": dataset,
+            "split": a.split,
+            "model": predictor.identity(),
             "input_check": {
                 "feature_check": predictor.guard is not None,
                 "colour_checked": False,
@@ -252,6 +263,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     report = ev.to_json()
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(report, indent=1) + "\n")
+    if a.ledger:
+        from pneumonia.ledger import record_look
+
+        assert dataset is not None  # _evaluated_dataset refuses --ledger without one
+        record_look(
+            a.ledger,
+            dataset=dataset,
+            split=a.split,
+            n=len(loaded.y),
+            model=predictor.identity(),
+            argv=a.argv,
+        )
+        log.info("recorded this look at %s/%s in %s", dataset, a.split, a.ledger)
     if a.markdown:
         a.markdown.write_text(markdown_summary(report, f"{predictor.name} on {folder.name}"))
     if a.predictions:
@@ -285,6 +309,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     summary["input_check"] = {o: outcomes.count(o) for o in OUTCOMES}
     print(json.dumps(summary))
     return 0
+
+
+def _evaluated_dataset(a: argparse.Namespace, predictor: Predictor) -> str | None:
+    """The name of the data set ``pneumonia evaluate`` scores: its descriptor (``--dataset``, or
+    ``dataset.json`` beside the data), else the model's own training set when ``--data`` is the
+    folder it was trained from, else None (and ``--ledger`` is refused: a look must say what it
+    looked at)."""
+    from pneumonia.card import find_dataset
+
+    given = find_dataset(a.data, a.dataset)
+    if given is not None:
+        return given.name
+    card = predictor.card
+    root = ((card.training or {}).get("data") or {}).get("data_root")
+    if card.dataset is not None and root and Path(root).resolve() == a.data.resolve():
+        return card.dataset.name
+    if a.ledger:
+        raise FileNotFoundError(
+            f"--ledger needs to know which data set {a.data} is: pass --dataset FILE "
+            "(a dataset descriptor, e.g. datasets/kermany-2018.json)"
+        )
+    return None
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
@@ -338,24 +384,63 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_card(a: argparse.Namespace) -> int:
+    """Render a model file's card to Markdown, or rewrite its version or data set."""
     from pneumonia import atomic
-    from pneumonia.predictor import sidecar_card_path
-    from pneumonia.training.export import render_model_card
+    from pneumonia.card import (
+        CardError,
+        Dataset,
+        file_digests,
+        read_model_card,
+        render_markdown,
+        rewrite_card,
+    )
+    from pneumonia.ledger import Ledger, LedgerError
 
-    card = json.loads(sidecar_card_path(a.model).read_text())
-    test = json.loads(a.report.read_text()) if a.report else None
-    base = json.loads(a.baseline.read_text()) if a.baseline else None
-    prev = (a.previous_label, json.loads(a.previous.read_text())) if a.previous else None
-    bench = json.loads(a.input_check_report.read_text()) if a.input_check_report else None
     try:
-        text = render_model_card(card, test, base, prev, bench)
-    except ValueError as exc:
+        if a.set_version or a.dataset:
+            dataset = Dataset.load(a.dataset) if a.dataset else None
+            sidecar = rewrite_card(
+                a.model,
+                a.model,
+                lambda c: c.with_(version=a.set_version or c.version, dataset=dataset or c.dataset),
+            )
+            print(
+                json.dumps({k: sidecar[k] for k in ("name", "version", "sha256", "weights_sha256")})
+            )
+            if not a.out:
+                return 0
+        if not a.out:
+            print(
+                "pneumonia card: error: give --out FILE.md (or --set-version / --dataset)",
+                file=sys.stderr,
+            )
+            return 2
+        card, _, raw = read_model_card(a.model)
+        digests = file_digests(a.model)
+        identity = {"sha256": digests.sha256, "file": a.model.name, "bytes": len(raw)}
+        del raw
+        test = json.loads(a.report.read_text()) if a.report else None
+        if test is not None and a.ledger is None:
+            print(
+                "pneumonia card: error: --report needs --ledger (the test-look ledger says which "
+                "look at the test set the report is)",
+                file=sys.stderr,
+            )
+            return 2
+        text = render_markdown(
+            card,
+            identity,
+            test=test,
+            baseline=json.loads(a.baseline.read_text()) if a.baseline else None,
+            previous=(a.previous_label, json.loads(a.previous.read_text())) if a.previous else None,
+            input_check=json.loads(a.input_check_report.read_text())
+            if a.input_check_report
+            else None,
+            looks=Ledger.load(a.ledger) if a.ledger else None,
+        )
+    except (CardError, LedgerError, ValueError) as exc:
         print(f"pneumonia card: error: {exc}", file=sys.stderr)
         return 2
-    if card.get("site_recalibration"):  # a model refitted by `pneumonia recalibrate`
-        from pneumonia.recalibrate import render_site_section
-
-        text += "\n" + render_site_section(card)
     atomic.write_text(a.out, text)
     return 0
 
@@ -567,6 +652,8 @@ def cmd_recalibrate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pneumonia.card import RULES
+
     p = argparse.ArgumentParser(prog="pneumonia", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -594,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     t.add_argument("--config", type=Path, help="a config.json from an earlier run")
+    t.add_argument(
+        "--dataset",
+        type=Path,
+        help="dataset descriptor JSON (name, source, licence, population) for the model card; "
+        "default: DATA/dataset.json if present, else the card says the source is undeclared",
+    )
     t.add_argument("--epochs", type=int)
     t.add_argument("--seeds", type=int, nargs="+", help="one ensemble member per seed")
     t.add_argument("--arch", choices=["effnet_lite0", "cnn", "logreg"])
@@ -618,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--data", type=Path, help="training data root (default: the one recorded in the run)"
     )
-    k.add_argument("--threshold-rule", choices=["stressed_youden", "min_sensitivity", "youden"])
+    k.add_argument("--threshold-rule", choices=sorted(RULES))
     k.add_argument("--min-sensitivity", type=float)
     k.set_defaults(func=cmd_calibrate)
 
@@ -626,6 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--name", help="model name in the card (default pneumonia-<arch>)")
+    e.add_argument(
+        "--version",
+        dest="model_version",
+        default=None,
+        help="the model's own version in the card (default 0.1.0; releases set theirs, docs/model.md)",
+    )
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser(
@@ -650,6 +749,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--markdown", type=Path, help="also write a Markdown summary")
     v.add_argument("--predictions", type=Path, help="also write per-image predictions (CSV)")
+    v.add_argument(
+        "--dataset",
+        type=Path,
+        help="dataset descriptor of DATA (default: DATA/dataset.json, else the model's own "
+        "training set when DATA is its training folder)",
+    )
+    v.add_argument(
+        "--ledger",
+        type=Path,
+        help="test-look ledger to record this scoring in (the project's: artifacts/test_looks.json)",
+    )
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=cmd_evaluate)
 
@@ -683,7 +793,13 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--no-progress", action="store_true")
     gf.set_defaults(func=cmd_guard_fit)
 
-    c = sub.add_parser("card", help="render the Markdown model card with held-out reports")
+    c = sub.add_parser(
+        "card",
+        help="render a model file's card as Markdown (with held-out reports), or set its version or data set",
+        description="Render the model card inside MODEL as Markdown (--out), with test reports that "
+        "the test-look ledger places; or rewrite the card in the file (--set-version, --dataset): "
+        "the weights and their digest stay as they are. Needs only the serving install.",
+    )
     _model_arg(c)
     c.add_argument("--report", type=Path, help="evaluation JSON of the model on the test set")
     c.add_argument("--baseline", type=Path, help="evaluation JSON of the baseline on the same set")
@@ -700,7 +816,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="benchmarks/bench_guard.py's JSON for this model: adds the input check's measured rates",
     )
-    c.add_argument("--out", type=Path, required=True)
+    c.add_argument(
+        "--ledger",
+        type=Path,
+        help="the test-look ledger (artifacts/test_looks.json): required with --report",
+    )
+    c.add_argument("--set-version", help="rewrite the card's model version in the file")
+    c.add_argument(
+        "--dataset", type=Path, help="rewrite the card's training data set from a descriptor JSON"
+    )
+    c.add_argument("--out", type=Path, help="the Markdown file to write")
     c.set_defaults(func=cmd_card)
 
     s = sub.add_parser(
@@ -765,7 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument(
         "--threshold-rule",
-        choices=["min_sensitivity", "youden", "stressed_youden"],
+        choices=sorted(RULES),
         help="default: the model's rule",
     )
     rc.add_argument("--min-sensitivity", type=float, help="default: the model's")
@@ -849,6 +974,7 @@ SERVING_COMMANDS = ("serve", "predict", "score")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # what a record says was run
     if a.command in SERVING_COMMANDS and "numpy" not in sys.modules:
         # numpy's OpenBLAS would start a spinning thread per core for the input check's small
         # matrix products, taking CPU from onnxruntime (measured: 125 ms of server CPU per

@@ -11,10 +11,6 @@ from typing import Any
 
 import numpy as np
 
-#: The threshold rule fixed before any test-set figure was seen (see the model card):
-#: the highest threshold whose validation sensitivity is still at least this.
-DEFAULT_MIN_SENSITIVITY = 0.98
-
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties).
@@ -161,10 +157,10 @@ def bootstrap_auc_ci(
 def choose_threshold(
     y: np.ndarray,
     p: np.ndarray,
-    rule: str = "min_sensitivity",
-    min_sensitivity: float = DEFAULT_MIN_SENSITIVITY,
+    rule: str,
+    min_sensitivity: float | None = None,
 ) -> float:
-    """Pick the operating threshold on validation predictions.
+    """The threshold by one rule's arithmetic (pneumonia.card.RULES is the table of rules).
 
     Rules:
         ``min_sensitivity``: the highest threshold whose sensitivity is still at least
@@ -181,7 +177,7 @@ def choose_threshold(
     if y.all() or (~y).all():
         raise ValueError("threshold choice needs both classes in the validation split")
     if rule == "min_sensitivity":
-        if not 0.0 < min_sensitivity <= 1.0:
+        if min_sensitivity is None or not 0.0 < min_sensitivity <= 1.0:
             raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
         pos = np.sort(p[y])
         # Allow at most floor((1 - s) * n_pos) misses: threshold at the next positive score.

@@ -51,8 +51,6 @@ import numpy as np
 
 from pneumonia.preprocess import DecodeStats, ImageError
 
-#: Key of the fitted feature statistics inside the ONNX file's metadata_props.
-GUARD_METADATA_KEY = "input_guard"
 #: Name of the exported graph's pooled-feature output.
 EMBEDDING_OUTPUT = "embedding"
 

@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 
 from pneumonia.calibration import calibrated_probability
+from pneumonia.card import (
+    CARD_METADATA_KEY,
+    GUARD_METADATA_KEY,
+    CardError,
+    ModelCard,
+    file_digests,
+    sidecar_card_path,
+)
 from pneumonia.guard import (
     EMBEDDING_OUTPUT,
-    GUARD_METADATA_KEY,
     NOT_A_CHEST_XRAY,
     FeatureGuard,
     InputCheck,
@@ -36,8 +43,6 @@ from pneumonia.preprocess import (
 
 log = logging.getLogger(__name__)
 
-#: Key of the model card JSON inside the ONNX file's metadata_props.
-CARD_METADATA_KEY = "model_card"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logit", "cam")
 #: Outputs of a model exported with its pooled features, for the input check (pneumonia.guard).
@@ -80,7 +85,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. ``probability`` is the probability of ``label``."""
+    """One image's result. ``probability`` is the calibrated P(PNEUMONIA) whatever the label
+    (``label`` is PNEUMONIA when it reaches ``threshold``)."""
 
     label: str
     probability: float
@@ -101,11 +107,6 @@ class Prediction:
         if self.check is not None:
             d["input_check"] = self.check.to_dict()
         return d
-
-
-def sidecar_card_path(model_path: Path) -> Path:
-    """``model.onnx`` -> ``model.card.json``."""
-    return model_path.with_suffix(".card.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -142,24 +143,6 @@ def _cgroup_cpu_quota() -> float | None:
         return None
 
 
-def _validate_card(card: dict[str, Any], path: Path) -> None:
-    missing = [
-        k
-        for k in ("labels", "threshold", "temperature", "bias", "preprocess", "name")
-        if k not in card
-    ]
-    if missing:
-        raise ModelLoadError(
-            f"model card in {path} lacks {missing}; re-export the model with `pneumonia export`"
-        )
-    if list(card["labels"]) != list(LABELS):
-        raise ModelLoadError(f"model {path} has labels {card['labels']}, expected {list(LABELS)}")
-    if not 0.0 <= float(card["threshold"]) <= 1.0 or float(card["temperature"]) <= 0.0:
-        raise ModelLoadError(
-            f"model {path} has threshold {card['threshold']} / temperature {card['temperature']} out of range"
-        )
-
-
 class Predictor:
     """An exported ONNX model with its card, loaded once.
 
@@ -183,7 +166,10 @@ class Predictor:
             raise ModelLoadError(
                 f"model file {self.path} does not exist; set MODEL_PATH or --model to an exported .onnx"
             )
-        self.sha256 = sha256_file(self.path)
+        digests = file_digests(self.path)
+        self.sha256 = digests.sha256
+        #: The file without its metadata: the same whatever card it carries (pneumonia.card).
+        self.weights_sha256 = digests.weights_sha256
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or available_cpus()
         opts.inter_op_num_threads = 1
@@ -205,11 +191,20 @@ class Predictor:
                 f"model file {self.path} carries no model card; export it with `pneumonia export`"
             )
         try:
-            self.card: dict[str, Any] = json.loads(meta[CARD_METADATA_KEY])
-            _validate_card(self.card, self.path)
-            self.spec = PreprocessSpec.from_dict(self.card["preprocess"])
-        except (ValueError, TypeError) as exc:
-            raise ModelLoadError(f"model card in {self.path} is invalid: {exc}") from None
+            card = ModelCard.from_json(meta[CARD_METADATA_KEY])
+            self.spec = PreprocessSpec.from_dict(card.preprocess)
+        except (CardError, ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(
+                f"model card in {self.path} is invalid: {exc}; re-export the model with `pneumonia export`"
+            ) from None
+        if card.weights_sha256 == "not recorded":  # a card older than the digest
+            card = card.with_(weights_sha256=self.weights_sha256)
+        elif card.weights_sha256 != self.weights_sha256:
+            raise ModelLoadError(
+                f"model card in {self.path} describes other weights (weights sha256 "
+                f"{card.weights_sha256[:12]}..., file has {self.weights_sha256[:12]}...)"
+            )
+        self.card = card
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
         if (
@@ -250,9 +245,9 @@ class Predictor:
                 raise ModelLoadError(
                     f"{sidecar} describes a different file (sha256 {declared[:12]}..., file has {self.sha256[:12]}...)"
                 )
-        self.threshold = float(self.card["threshold"])
-        self.temperature = float(self.card["temperature"])
-        self.bias = float(self.card["bias"])
+        self.threshold = card.threshold
+        self.temperature = card.temperature
+        self.bias = card.bias
         self.guard = self._load_guard(meta)
 
     def _load_guard(self, meta: dict[str, str]) -> FeatureGuard | None:
@@ -281,11 +276,21 @@ class Predictor:
 
     @property
     def name(self) -> str:
-        return str(self.card["name"])
+        return self.card.name
 
     @property
     def version(self) -> str:
-        return str(self.card.get("version", "unknown"))
+        return self.card.version
+
+    def identity(self) -> dict[str, str]:
+        """Which model this is: name and version from its card, the file's and the weights'
+        sha256 (reports, score rows, DICOM reports and site models name it so)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "weights_sha256": self.weights_sha256,
+        }
 
     def prepare(self, data: bytes) -> Preprocessed:
         """Bytes to one model input and what the decoder saw (its colour), by the model's own
@@ -388,7 +393,7 @@ class Predictor:
         positive = p >= self.threshold
         return Prediction(
             label=LABELS[1] if positive else LABELS[0],
-            probability=p if positive else 1.0 - p,
+            probability=p,
             p_pneumonia=p,
             p_normal=1.0 - p,
             threshold=self.threshold,
@@ -398,5 +403,5 @@ class Predictor:
         )
 
     def info(self) -> dict[str, Any]:
-        """The model card plus the file's identity."""
-        return {**self.card, "sha256": self.sha256, "path": str(self.path)}
+        """The model card (with its derived sentences) plus the file's identity."""
+        return {**self.card.public(), "sha256": self.sha256, "path": str(self.path)}

@@ -9,17 +9,16 @@ The figures before and after are honest: "after" is cross-fitted (each film is s
 calibration and threshold fitted on the other folds, folds grouped by patient where the file
 names give patient ids), with percentile bootstrap intervals that resample patients.
 
-The new model file is the old one with its embedded card replaced (the ONNX protobuf is
-rewritten at the wire level, so neither the ``onnx`` package nor torch is needed and the
-graph's bytes stay as they were); the card keeps the original provenance and adds a
-``site_recalibration`` record.
+The new model file is the old one with its embedded card replaced (pneumonia.card rewrites the
+ONNX protobuf at the wire level, so neither the ``onnx`` package nor torch is needed and the
+graph's bytes, hence the weights digest, stay as they were); the card keeps the original
+provenance, names the original file in its lineage and adds a ``site_recalibration`` record.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -29,26 +28,25 @@ from typing import Any
 import numpy as np
 
 from pneumonia.calibration import calibrated_probability, fit_calibration
-from pneumonia.evaluate import (
-    capped_youden_threshold,
-    choose_threshold,
-    expected_calibration_error,
-    roc_auc,
+from pneumonia.card import (
+    CARD_METADATA_KEY,
+    DEFAULT_MIN_SENSITIVITY,
+    RULES,
+    Calibration,
+    ModelCard,
+    ModelRef,
+    ThresholdChoice,
+    pick_threshold,
+    read_model_card,
+    write_model,
 )
+from pneumonia.evaluate import expected_calibration_error, roc_auc
 from pneumonia.labels import LABELS
 
 log = logging.getLogger(__name__)
 
-SITE_RULES = ("min_sensitivity", "youden", "stressed_youden")
-RULE_DESCRIPTIONS = {
-    "min_sensitivity": (
-        "highest threshold on calibrated P(PNEUMONIA) whose site sensitivity is at least min_sensitivity"
-    ),
-    "youden": "Youden's J on the site films",
-    "stressed_youden": "Youden's J on the site films, lowered if needed so that the site sensitivity is at "
-    "least min_sensitivity (the model's stressed_youden rule; the site's own films stand in for the "
-    "synthetic perturbations of training)",
-}
+#: Where a site rule is applied (the ThresholdChoice's fitted_on).
+SITE_FILMS = "the site's films"
 RANKING_NOTE = (
     "Ranking is unchanged by design: recalibration refits the temperature, bias and threshold "
     "only, never the weights, so ROC-AUC is the same before and after."
@@ -60,12 +58,8 @@ METRICS = ("sensitivity", "specificity", "accuracy", "ppv", "npv", "brier", "ece
 
 
 def site_threshold(y: np.ndarray, p: np.ndarray, rule: str, min_sensitivity: float) -> float:
-    """The threshold by a site rule (see :data:`RULE_DESCRIPTIONS`)."""
-    if rule == "stressed_youden":
-        return capped_youden_threshold(y, p, min_sensitivity)
-    if rule not in SITE_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {SITE_RULES}")
-    return choose_threshold(y, p, rule, min_sensitivity)
+    """The threshold by a rule of :data:`pneumonia.card.RULES`, all of it on the site's films."""
+    return pick_threshold(rule, y, p, min_sensitivity).threshold
 
 
 def refit(
@@ -238,7 +232,9 @@ def recalibrate_scores(
     t0, b0, thr0 = original
     p_before = calibrated_probability(z, t0, b0)
     pos_before = p_before >= thr0
-    temperature, bias, threshold = refit(z, y, rule, min_sensitivity)
+    temperature, bias = fit_calibration(z, y)
+    pick = pick_threshold(rule, y, calibrated_probability(z, temperature, bias), min_sensitivity)
+    threshold = pick.threshold
 
     def before(ix: np.ndarray) -> dict[str, float | None]:
         return {**_metrics(y[ix], p_before[ix], pos_before[ix]), "auc": roc_auc(y[ix], z[ix])}
@@ -254,10 +250,11 @@ def recalibrate_scores(
         "rule": {
             "rule": rule,
             "min_sensitivity": min_sensitivity,
-            "description": RULE_DESCRIPTIONS[rule],
+            "description": ThresholdChoice(rule, min_sensitivity, SITE_FILMS).description(),
         },
         "original": {"temperature": t0, "bias": b0, "threshold": thr0},
         "fitted": {"temperature": temperature, "bias": bias, "threshold": threshold},
+        "bound_by": pick.bound_by,
         "auc": auc,
         "folds": {"k": k, "grouped_by": "patient", "per_fold": per_fold},
         "before": {
@@ -280,86 +277,7 @@ def recalibrate_scores(
     }
 
 
-# ----------------------------------------------------------------------------- the ONNX file
-
-
-def _varint(b: bytes, pos: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = b[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _enc_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _enc_varint(number << 3 | 2) + _enc_varint(len(payload)) + payload
-
-
-def _fields(b: bytes) -> list[tuple[int, int, int, int]]:
-    """(field number, wire type, start, end) of each top-level field of a protobuf message."""
-    out, pos = [], 0
-    while pos < len(b):
-        start = pos
-        key, pos = _varint(b, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(b, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            n, pos = _varint(b, pos)
-            pos += n
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire} at byte {start}")
-        if pos > len(b):
-            raise ValueError("truncated protobuf message")
-        out.append((number, wire, start, pos))
-    return out
-
-
-#: ModelProto.metadata_props (repeated StringStringEntryProto: key = 1, value = 2), onnx.proto.
-METADATA_FIELD = 14
-
-
-def _payload(b: bytes, start: int) -> bytes:
-    _, pos = _varint(b, start)
-    n, pos = _varint(b, pos)
-    return b[pos : pos + n]
-
-
-def read_metadata(model: bytes) -> dict[str, str]:
-    """The metadata_props of a serialized ONNX ModelProto."""
-    props = {}
-    for number, wire, start, _ in _fields(model):
-        if number == METADATA_FIELD and wire == 2:
-            entry = _payload(model, start)
-            kv = {n: _payload(entry, s).decode() for n, w, s, _ in _fields(entry) if w == 2}
-            props[kv.get(1, "")] = kv.get(2, "")
-    return props
-
-
-def with_metadata(model: bytes, props: dict[str, str]) -> bytes:
-    """``model`` with its metadata_props replaced by ``props``; every other byte is kept."""
-    kept = b"".join(model[s:e] for n, _, s, e in _fields(model) if n != METADATA_FIELD)
-    entries = b"".join(
-        _len_field(METADATA_FIELD, _len_field(1, k.encode()) + _len_field(2, v.encode()))
-        for k, v in props.items()
-    )
-    return kept + entries
+# ----------------------------------------------------------------------------- the site model
 
 
 def files_digest(keys: Sequence[str]) -> str:
@@ -367,11 +285,17 @@ def files_digest(keys: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
+def site_version(version: str, files_sha256: str) -> str:
+    """A site model's version: its base's, with the site's file-list digest as semver build
+    metadata (``2.0.0+site.1a2b3c4d``), so two sites' files never share a version."""
+    return f"{version.split('+')[0]}+site.{files_sha256[:8]}"
+
+
 def site_card(
-    card: dict[str, Any], result: dict[str, Any], site: dict[str, Any], model_sha256: str
-) -> dict[str, Any]:
-    """The recalibrated model's card: the original, with the refitted values and a
-    ``site_recalibration`` record (the previous one, if any, nested in it)."""
+    card: ModelCard, result: dict[str, Any], site: dict[str, Any], model_sha256: str
+) -> ModelCard:
+    """The recalibrated model's card: the original, with the refitted values, the original file
+    in its lineage and a ``site_recalibration`` record (the previous one, if any, nested in it)."""
     fitted = result["fitted"]
     record = {
         "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
@@ -379,38 +303,54 @@ def site_card(
         "unchanged": "weights, preprocessing and labels; " + RANKING_NOTE,
         "original": {
             "sha256": model_sha256,
-            "temperature": card["temperature"],
-            "bias": card["bias"],
-            "threshold": card["threshold"],
-            "threshold_rule": card.get("threshold_rule"),
-            "calibration": card.get("calibration"),
+            "temperature": card.temperature,
+            "bias": card.bias,
+            "threshold": card.threshold,
+            "threshold_rule": card.to_dict()["threshold_rule"],
+            "calibration": card.calibration.to_dict(),
         },
         "site": site,
         **{
             k: result[k]
             for k in ("rule", "fitted", "auc", "auc_ci95", "folds", "before", "after", "warnings")
         },
-        "previous": card.get("site_recalibration"),
+        "previous": card.site_recalibration,
     }
-    return {
-        **card,
-        "temperature": fitted["temperature"],
-        "bias": fitted["bias"],
-        "threshold": fitted["threshold"],
-        "threshold_rule": {**result["rule"], "fitted_on": "site films (site_recalibration)"},
-        "calibration": "temperature and bias refitted on the site's films (see site_recalibration): "
-        "p = sigmoid(logit / temperature + bias)",
-        "site_recalibration": record,
-    }
+    rule = result["rule"]
+    return card.with_(
+        version=site_version(card.version, site["files_sha256"]),
+        threshold=fitted["threshold"],
+        threshold_rule=ThresholdChoice(
+            rule["rule"],
+            rule["min_sensitivity"] if RULES[rule["rule"]].uses_min_sensitivity else None,
+            f"{SITE_FILMS} (site_recalibration)",
+            bound_by=result["bound_by"],
+        ),
+        calibration=Calibration(
+            fitted["temperature"], fitted["bias"], f"{SITE_FILMS} (site_recalibration)"
+        ),
+        lineage=(
+            ModelRef(
+                card.name,
+                card.version,
+                card.weights_sha256,
+                model_sha256,
+                "recalibrated for a site: the same weights, temperature, bias and threshold refitted",
+            ),
+            *card.lineage,
+        ),
+        site_recalibration=record,
+    )
 
 
 def _f(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def render_site_section(card: dict[str, Any]) -> str:
+def render_site_section(card: ModelCard) -> str:
     """Markdown: what the site recalibration refitted and its before/after figures."""
-    r = card["site_recalibration"]
+    r = card.site_recalibration
+    assert r is not None
     o, s, fitted = r["original"], r["site"], r["fitted"]
     lines = [
         "## Site recalibration",
@@ -459,17 +399,25 @@ def recalibrate_model(
         The report: :func:`recalibrate_scores`' result plus ``site`` and ``model``/``out``.
     """
     from pneumonia.data import load_images, patient_id_rule, split_samples
-    from pneumonia.predictor import Predictor, sha256_file, sidecar_card_path
+    from pneumonia.predictor import Predictor
 
     model, data, out = Path(model), Path(data), Path(out)
     if out.resolve() == model.resolve():
         raise ValueError(f"--out {out} is the input model; write the site model to a new file")
     predictor = Predictor(model)
     card = predictor.card
-    old_rule = card.get("threshold_rule") or {}
-    rule = rule or old_rule.get("rule") or "min_sensitivity"
+    rule = rule or card.threshold_rule.rule
     if min_sensitivity is None:
-        min_sensitivity = float(old_rule.get("min_sensitivity") or 0.98)
+        min_sensitivity = card.threshold_rule.min_sensitivity
+        if min_sensitivity is None:
+            min_sensitivity = DEFAULT_MIN_SENSITIVITY
+            if RULES[rule].uses_min_sensitivity:
+                log.info(
+                    "the model's rule has no sensitivity floor; rule %s uses the default %s "
+                    "(--min-sensitivity sets another)",
+                    rule,
+                    min_sensitivity,
+                )
     samples = split_samples(data, split)
     loaded = load_images(samples, predictor.spec, progress=progress)
     logits = (
@@ -508,31 +456,10 @@ def recalibrate_model(
         "files_sha256": files_digest(keys),
         "skipped": len(loaded.skipped),
     }
+    _, props, raw = read_model_card(model)
     new_card = site_card(card, result, site, predictor.sha256)
-    raw = model.read_bytes()
-    props = read_metadata(raw)
-    props["model_card"] = json.dumps(new_card)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(with_metadata(raw, props))
-    sidecar = {
-        **new_card,
-        "sha256": sha256_file(out),
-        "file": out.name,
-        "bytes": out.stat().st_size,
-    }
-    sidecar_card_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
-    original_md = model.with_suffix(".card.md")
-    md = (
-        f"# Model card: {card['name']} {card.get('version', '')}, recalibrated for a site\n\n"
-        + render_site_section(new_card)
-    )
-    if original_md.is_file():
-        md += (
-            "\n## The original model's card (before site recalibration; "
-            "its threshold, temperature and bias are superseded above)\n\n"
-        )
-        md += ("\n" + original_md.read_text()).replace("\n#", "\n##")
-    out.with_suffix(".card.md").write_text(md)
+    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    sidecar = write_model(out, raw, new_card, extra)
     Predictor(out, threads=1)  # the file must load as it will be served
     return {
         **result,

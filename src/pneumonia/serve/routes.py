@@ -292,4 +292,8 @@ async def metrics(request: Request) -> PlainTextResponse:
 async def model_card(svc: ServiceDep) -> dict[str, Any]:
     """The card exported with the model (labels, threshold, preprocessing, validation metrics,
     intended use, limitations, versions) plus the served file's `sha256`."""
-    return {**svc.predictor.card, "sha256": svc.predictor.sha256}
+    return {
+        **svc.predictor.card.public(),
+        "sha256": svc.predictor.sha256,
+        "weights_sha256": svc.predictor.weights_sha256,
+    }

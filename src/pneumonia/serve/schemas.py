@@ -31,8 +31,12 @@ class ModelIdentity(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     name: str = Field(description="Model name from its card.")
-    version: str = Field(description="Version of the package that exported the model.")
+    version: str = Field(description="The model's own version from its card (docs/model.md).")
     sha256: str = Field(description="SHA-256 of the .onnx file being served.")
+    weights_sha256: str = Field(
+        description="SHA-256 of the file without its metadata (graph and weights): the same "
+        "whatever card the file carries."
+    )
 
 
 class InputCheckResult(BaseModel):
@@ -69,7 +73,8 @@ class ImageResult(BaseModel):
     probability: float = Field(
         ge=0,
         le=1,
-        description="Calibrated probability of the returned `prediction` (as in the original API).",
+        description="Calibrated P(PNEUMONIA), whatever the `prediction` (as in the original "
+        "system's last version); the label comes from comparing it with `threshold`.",
     )
     probabilities: Probabilities = Field(description="Both class probabilities; they sum to 1.")
     threshold: float = Field(

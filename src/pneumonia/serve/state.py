@@ -33,7 +33,7 @@ class Service:
     @property
     def identity(self) -> ModelIdentity:
         p = self.predictor
-        return ModelIdentity(name=p.name, version=p.version, sha256=p.sha256)
+        return ModelIdentity(**p.identity())
 
     async def warm_up(self) -> None:
         """One full request's work (decode, model, heatmap) so the first real one is not slow."""

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia import atomic
+from pneumonia.card import DEFAULT_MIN_SENSITIVITY, RULES
 from pneumonia.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.training.augment import AugmentConfig
 from pneumonia.training.model import ARCHS, ModelConfig
-
-THRESHOLD_RULES = ("stressed_youden", "min_sensitivity", "youden")
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,10 @@ class TrainConfig:
             cosine to lr / 1e4) or "cosine" (``warmup_epochs`` of linear warm-up, then cosine).
         calibrate_on: "stressed" fits temperature and bias on the stressed validation pooled
             (every perturbation, clean included); "clean" on the validation split as it is.
-        threshold_rule / min_sensitivity: How the operating threshold is chosen on validation.
-            "stressed_youden": Youden's J on the pooled stressed validation, lowered if needed
-            so that the clean validation sensitivity is at least ``min_sensitivity``;
-            "min_sensitivity": the highest threshold with clean validation sensitivity at least
-            ``min_sensitivity`` (v1's rule); "youden": Youden's J on the clean validation.
+        threshold_rule / min_sensitivity: How the operating threshold is chosen on validation, a
+            rule of :data:`pneumonia.card.RULES` ("stressed_youden" maximises Youden's J on the
+            pooled stressed validation and keeps the clean validation's sensitivity at least
+            ``min_sensitivity``; "min_sensitivity" and "youden" use the clean validation).
         stress_seed: Seed of the stressed validation's random perturbations (noise).
         device: "auto" (CUDA when present, else CPU), "cpu" or "cuda".
         max_images: Use at most this many training images (for smoke tests); None for all.
@@ -63,7 +61,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     calibrate_on: str = "stressed"
     threshold_rule: str = "stressed_youden"
-    min_sensitivity: float = 0.97
+    min_sensitivity: float = DEFAULT_MIN_SENSITIVITY
     stress_seed: int = 0
     device: str = "auto"
     max_images: int | None = None
@@ -81,7 +79,7 @@ class TrainConfig:
         choices = {
             "schedule": ("onecycle", "cosine"),
             "calibrate_on": ("stressed", "clean"),
-            "threshold_rule": THRESHOLD_RULES,
+            "threshold_rule": tuple(RULES),
             "device": ("auto", "cpu", "cuda"),
         }
         for name, allowed in choices.items():

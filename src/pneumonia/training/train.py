@@ -24,7 +24,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,10 @@ from torch import nn
 from pneumonia import atomic
 from pneumonia.audit import shortcut_table
 from pneumonia.calibration import calibrated_probability, fit_calibration, nll
+from pneumonia.card import DATASET_FILE, RULES, Dataset, ThresholdChoice, pick_threshold
 from pneumonia.data import LoadedImages, class_counts, load_images, train_val_split
 from pneumonia.evaluate import (
     brier,
-    capped_youden_threshold,
-    choose_threshold,
     expected_calibration_error,
     roc_auc,
     threshold_metrics,
@@ -353,13 +352,21 @@ def member_dirs(run_dir: Path) -> list[Path]:
 
 
 def train(
-    cfg: TrainConfig, data_root: Path, out: Path, *, progress: bool = True, resume: bool = False
+    cfg: TrainConfig,
+    data_root: Path,
+    out: Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Train every member, then calibrate and choose the threshold on validation.
 
     Args:
         resume: Go on from each member's ``last.pt`` in ``out`` (members without one start
             from scratch); ``cfg`` must be the run's own (``out/config.json``).
+        dataset: What the training films are (a dataset descriptor), recorded in the run and
+            the model card; None: undeclared, and the card says so.
 
     Returns:
         The calibration record written to ``out/calibration.json``.
@@ -376,8 +383,15 @@ def train(
     val_d = load_images(val_s, cfg.preprocess, progress=progress)
     if len(set(val_d.y.tolist())) < 2 or len(set(train_d.y.tolist())) < 2:
         raise ValueError("both the training and validation splits need images of both classes")
+    if dataset is None:
+        log.warning(
+            "no dataset descriptor (%s beside the data, or --dataset FILE): the model card will "
+            "say the training data's source is undeclared",
+            DATASET_FILE,
+        )
     data_summary: dict[str, Any] = {
         "data_root": str(data_root),
+        "dataset": dataset.to_dict() if dataset is not None else None,
         "split": split.method,
         "split_description": split.description,
         "train": class_counts(train_d.y),
@@ -411,13 +425,9 @@ def train(
     return _write_calibration(cfg, out, val_d, stressed, members, summary)
 
 
-def pick_threshold(
-    cfg: TrainConfig, y: np.ndarray, prob: np.ndarray, pooled_y: np.ndarray, pooled_prob: np.ndarray
-) -> float:
-    """The operating threshold by ``cfg.threshold_rule`` (see :class:`TrainConfig`)."""
-    if cfg.threshold_rule != "stressed_youden":
-        return choose_threshold(y, prob, cfg.threshold_rule, cfg.min_sensitivity)
-    return capped_youden_threshold(y, prob, cfg.min_sensitivity, pooled_y, pooled_prob)
+#: Where the training run's threshold rule is applied (its ThresholdChoice).
+CLEAN_VALIDATION = "the clean validation split"
+POOLED_STRESSED = "the pooled stressed validation"
 
 
 def _write_calibration(
@@ -437,7 +447,18 @@ def _write_calibration(
         temperature, bias = fit_calibration(logits, val_d.y)
     prob = calibrated_probability(logits, temperature, bias)
     pooled_prob = calibrated_probability(pooled_logits, temperature, bias)
-    threshold = pick_threshold(cfg, val_d.y, prob, pooled_y, pooled_prob)
+    # The sensitivity floor on the clean validation, Youden's J on the pooled stressed one.
+    pick = pick_threshold(
+        cfg.threshold_rule, val_d.y, prob, cfg.min_sensitivity, pooled_y, pooled_prob
+    )
+    threshold = pick.threshold
+    choice = ThresholdChoice(
+        cfg.threshold_rule,
+        cfg.min_sensitivity if RULES[cfg.threshold_rule].uses_min_sensitivity else None,
+        CLEAN_VALIDATION,
+        POOLED_STRESSED if cfg.threshold_rule == "stressed_youden" else None,
+        pick.bound_by,
+    )
     stress = stressed_report(
         val_d.y,
         {k: calibrated_probability(z, temperature, bias) for k, z in stressed.logits.items()},
@@ -455,6 +476,13 @@ def _write_calibration(
         "threshold": threshold,
         "threshold_rule": cfg.threshold_rule,
         "min_sensitivity": cfg.min_sensitivity,
+        "threshold_choice": {k: v for k, v in asdict(choice).items() if v is not None},
+        "calibration_fitted_on": (
+            f"{POOLED_STRESSED} (the validation split as it is and under "
+            f"{len(stressed.logits) - 1} fixed perturbations)"
+            if cfg.calibrate_on == "stressed"
+            else CLEAN_VALIDATION
+        ),
         "validation": {
             "n": len(val_d.y),
             "auc": roc_auc(val_d.y, prob),
