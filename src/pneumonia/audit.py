@@ -17,7 +17,6 @@ dHash (sign of horizontal differences of a 9x8 thumbnail), both as defined by ``
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import html
 import logging
@@ -38,14 +37,17 @@ from pneumonia.data import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_FRACTION,
     NPZ_SPLITS,
+    PATIENT_FROM_MANIFEST,
     SPLIT_MEDMNIST_VAL,
     DatasetLayoutError,
+    ManifestRow,
     NpzReader,
     Sample,
     is_npz,
     list_npz_split,
-    list_split,
     patient_id_rule,
+    read_folder,
+    read_manifest,
     train_val_split,
 )
 from pneumonia.evaluate import roc_auc
@@ -93,6 +95,8 @@ class AuditItem:
     split: str
     sample: Sample
     key: str  # path relative to the data root, or SPLIT/NNNNN in an .npz
+    #: The manifest's row for the image (metadata columns); None: an .npz or a bare path.
+    row: ManifestRow | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -114,36 +118,6 @@ class ImageFacts:
 # ----------------------------------------------------------------------------- data sources
 
 
-def _manifest_items(path: Path) -> list[AuditItem]:
-    """Items of a CSV manifest: a path column (``path`` or ``relpath``), a label column
-    (``label`` 0/1 or ``class`` NORMAL/PNEUMONIA) and optionally ``split``."""
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    header = list(rows[0]) if rows else []
-    pcol = next((c for c in ("path", "relpath") if c in header), None)
-    if pcol is None or not ({"label", "class"} & set(header)):
-        raise DatasetLayoutError(
-            f"manifest {path} needs a 'path' (or 'relpath') column and a 'label' (0/1) or "
-            f"'class' (NORMAL/PNEUMONIA) column; it has {header}"
-        )
-    items = []
-    for row in rows:
-        raw = row.get("label") if "label" in row else None
-        if raw not in (None, ""):
-            label = int(raw)
-        else:
-            name = row.get("class", "").upper()
-            if name not in LABELS:
-                raise DatasetLayoutError(
-                    f"manifest {path}: class {row.get('class')!r} is not one of {list(LABELS)}"
-                )
-            label = LABELS.index(name)
-        rel = Path(row[pcol])
-        full = rel if rel.is_absolute() else path.parent / rel
-        items.append(AuditItem(row.get("split") or "all", Sample(full, label), rel.as_posix()))
-    return items
-
-
 def audit_items(data: Path) -> list[AuditItem]:
     """Every labelled image of ``data``: a Kaggle root (its train/val/test splits), one
     labelled folder (``DIR/{NORMAL,PNEUMONIA}``, one split named after the folder), a CSV
@@ -160,7 +134,7 @@ def audit_items(data: Path) -> list[AuditItem]:
             for s in list_npz_split(data, split)
         ]
     if data.is_file() and data.suffix.lower() == ".csv":
-        return _manifest_items(data)
+        return [AuditItem(r.split or "all", r.sample, r.key, r) for r in read_manifest(data).rows]
     if not data.is_dir():
         raise DatasetLayoutError(
             f"{data} is not a folder, a .csv manifest or an .npz file; expected a Kaggle root "
@@ -172,7 +146,8 @@ def audit_items(data: Path) -> list[AuditItem]:
     items = []
     for split, folder in folders:
         items += [
-            AuditItem(split, s, s.path.relative_to(data).as_posix()) for s in list_split(folder)
+            AuditItem(split, r.sample, r.path.relative_to(data).as_posix(), r)
+            for r in read_folder(folder).rows
         ]
     return items
 
@@ -476,6 +451,146 @@ def shortcuts_section(facts: Sequence[ImageFacts]) -> list[dict[str, Any]]:
     return rows
 
 
+#: Patient-grouped folds of the categorical metadata screen.
+METADATA_FOLDS = 5
+METADATA_NUMERIC = "numeric: the value itself as the score"
+METADATA_CATEGORICAL = (
+    f"categorical: each category's PNEUMONIA rate learnt on the other folds ({METADATA_FOLDS} "
+    "folds of whole patients; an unseen category gets the overall rate, an empty value is a "
+    "category) scores the held-out fold; the AUC is the mean over the folds"
+)
+
+
+@dataclass(frozen=True)
+class MetadataShortcut:
+    """How well one manifest column alone predicts the label."""
+
+    column: str
+    kind: str  # "numeric" or "categorical"
+    auc: float | None  # ROC-AUC folded to >= 0.5; None: one class, or no values
+    warning: bool  # auc above SHORTCUT_WARN_AUC
+    n: int  # rows with a value (numeric) or all labelled rows (categorical)
+    categories: int | None  # distinct values of a categorical column
+    direction: str | None  # numeric: "higher in PNEUMONIA"; categorical: the riskiest category
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "kind": self.kind,
+            "auc": self.auc,
+            "warning": self.warning,
+            "n": self.n,
+            "categories": self.categories,
+            "direction": self.direction,
+        }
+
+
+def _as_float(value: str) -> float | None:
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if np.isfinite(x) else None
+
+
+def _patient_folds(patients: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """A fold number per row; every row of a patient in the same fold."""
+    unique = sorted(set(patients))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {unique[j]: i % k for i, j in enumerate(order)}
+    return np.array([fold_of[p] for p in patients])
+
+
+def metadata_shortcuts(
+    rows: Sequence[ManifestRow], *, folds: int = METADATA_FOLDS, seed: int = DEFAULT_SPLIT_SEED
+) -> list[MetadataShortcut]:
+    """How well each metadata column of labelled manifest rows alone predicts the label.
+
+    A column whose every non-empty value is a number is scored directly (rows without a
+    value left out); any other column is categorical: each row's score is its category's
+    PNEUMONIA rate learnt on the other folds of patients, so that a column unique to each
+    patient (an id, a checksum) scores 0.5 rather than 1.0. AUCs are folded to >= 0.5 and a
+    column above :data:`SHORTCUT_WARN_AUC` (the nuisance statistics' threshold) is flagged.
+
+    Args:
+        rows: labelled rows (:func:`pneumonia.data.read_labelled`); unlabelled ones are skipped.
+        folds: patient folds of the categorical screen.
+        seed: the folds' seed.
+    """
+    rows = [r for r in rows if r.label is not None]
+    columns = list(dict.fromkeys(c for r in rows for c in r.metadata))
+    y_all = np.array([r.label for r in rows], dtype=np.int64)
+    fold = _patient_folds([r.patient for r in rows], folds, seed) if rows else np.zeros(0, int)
+    out = []
+    for col in columns:
+        values = [(r.metadata.get(col) or "").strip() for r in rows]
+        present = [v for v in values if v]
+        numbers = [_as_float(v) for v in present]
+        if present and all(x is not None for x in numbers):
+            keep = [i for i, v in enumerate(values) if v]
+            y = y_all[keep]
+            score = np.array([float(values[i]) for i in keep])
+            kind, categories = "numeric", None
+        else:
+            # An unseen category scores the overall rate: one constant for every fold, so that
+            # a column unique to each patient ranks nothing (a per-fold rate would rank folds).
+            y, score = y_all, np.zeros(len(rows))
+            prior = float(y.mean())
+            for f in range(folds):
+                train, test = fold != f, fold == f
+                pos: Counter[str] = Counter()
+                tot: Counter[str] = Counter()
+                for i in np.flatnonzero(train):
+                    tot[values[i]] += 1
+                    pos[values[i]] += int(y[i])
+                for i in np.flatnonzero(test):
+                    v = values[i]
+                    score[i] = pos[v] / tot[v] if tot[v] else prior
+            kind, categories = "categorical", len(set(values))
+        if kind == "categorical":
+            # The mean of the per-fold AUCs: each fold's rates are learnt on different rows, and
+            # pooling the folds would rank one fold's rates against another's (a fold with many
+            # PNEUMONIA films held out learns lower rates), which pulls the AUC towards 0.5.
+            per_fold = [
+                roc_auc(y[fold == f], score[fold == f])
+                for f in range(folds)
+                if len(set(y[fold == f].tolist())) == 2
+            ]
+            auc = float(np.mean(per_fold)) if per_fold else float("nan")
+        else:
+            auc = roc_auc(y, score) if len(set(y.tolist())) == 2 else float("nan")
+        folded = None if np.isnan(auc) else round(max(auc, 1.0 - auc), 4)
+        direction = None
+        if folded is not None and auc != 0.5:
+            if kind == "numeric":
+                direction = ("higher" if auc > 0.5 else "lower") + " in PNEUMONIA"
+            else:
+                count = Counter(values)
+                positives = Counter(v for v, t in zip(values, y.tolist(), strict=True) if t)
+                top = max(sorted(count), key=lambda v: (positives[v] / count[v], count[v]))
+                direction = (
+                    f"{top or '(empty)'}: {positives[top] / count[top]:.0%} PNEUMONIA "
+                    f"of {count[top]}"
+                )
+        out.append(
+            MetadataShortcut(
+                col,
+                kind,
+                folded,
+                folded is not None and folded > SHORTCUT_WARN_AUC,
+                len(y),
+                categories,
+                direction,
+            )
+        )
+    return out
+
+
+def metadata_section(items: Sequence[AuditItem]) -> list[dict[str, Any]]:
+    """The metadata shortcut screen of the manifest rows among ``items`` (all splits together)."""
+    return [m.to_dict() for m in metadata_shortcuts([i.row for i in items if i.row is not None])]
+
+
 @dataclass(frozen=True)
 class Duplicates:
     """Exact groups (indices into the facts) and verified near pairs (i, j, pHash distance,
@@ -613,7 +728,11 @@ def patients_section(
             ids.append(f.item.sample.patient)
             rules["none (MedMNIST has no patient ids)"] += 1
             continue
-        pid, rule = patient_id_rule(f.item.sample.path.name)
+        rule: str | None
+        if f.item.sample.manifest_patient is not None:
+            pid, rule = f.item.sample.manifest_patient, f"{PATIENT_FROM_MANIFEST} patient_id column"
+        else:
+            pid, rule = patient_id_rule(f.item.sample.path.name)
         ids.append(pid)
         rules[rule or "none (the file is its own patient)"] += 1
         parsed += rule is not None
@@ -730,7 +849,8 @@ def audit(
     """The full audit report of ``data`` (see the module docstring); strict JSON.
 
     Keys: ``data``, ``seconds``, ``counts``, ``patients``, ``duplicates``, ``images``,
-    ``shortcuts``, ``warnings`` and ``histograms`` (the HTML page's plots).
+    ``shortcuts``, ``metadata_shortcuts`` (:func:`metadata_shortcuts`, empty without a
+    manifest), ``metadata_methods``, ``warnings`` and ``histograms`` (the HTML page's plots).
     """
     t0 = time.monotonic()
     items = audit_items(Path(data))
@@ -743,6 +863,8 @@ def audit(
         "duplicates": duplicates_section(facts, dups, max_distance, min_correlation),
         "images": images_section(facts),
         "shortcuts": shortcuts_section(facts),
+        "metadata_shortcuts": metadata_section(items),
+        "metadata_methods": {"numeric": METADATA_NUMERIC, "categorical": METADATA_CATEGORICAL},
         "statistics": STATISTICS,
         "histograms": histograms(facts),
     }
@@ -779,6 +901,12 @@ def warnings(report: dict[str, Any]) -> list[str]:
             out.append(
                 f"shortcut: {r['statistic']} alone predicts the label in {r['split']} with AUC "
                 f"{r['auc']:.3f} ({r['direction']}); a model can learn it instead of the lungs"
+            )
+    for m in report["metadata_shortcuts"]:
+        if m["warning"]:
+            out.append(
+                f"shortcut: manifest column {m['column']} ({m['kind']}) alone predicts the label "
+                f"with AUC {m['auc']:.3f} ({m['direction']}); a model can learn what goes with it"
             )
     unreadable = report["counts"]["unreadable"]
     if unreadable:
@@ -971,6 +1099,30 @@ def render_html(report: dict[str, Any], max_list: int = 50) -> str:
         + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in report["statistics"].items())
         + "</ul></details>"
     )
+    if report["metadata_shortcuts"]:
+        s.append(
+            "<h2>Manifest columns</h2><p>How well each manifest column alone predicts the label "
+            f"(ROC-AUC folded to &ge; 0.5; warning above {SHORTCUT_WARN_AUC}). "
+            f"{e(report['metadata_methods']['numeric'])}; "
+            f"{e(report['metadata_methods']['categorical'])}.</p>"
+        )
+        s.append(
+            _table(
+                ["column", "kind", "AUC", "warning", "direction", "n", "categories"],
+                [
+                    [
+                        m["column"],
+                        m["kind"],
+                        m["auc"],
+                        _Raw("<b class='warn'>yes</b>" if m["warning"] else "no"),
+                        m["direction"],
+                        m["n"],
+                        m["categories"],
+                    ]
+                    for m in report["metadata_shortcuts"]
+                ],
+            )
+        )
 
     p = report["patients"]
     s.append("<h2>Patients</h2>")
@@ -1106,6 +1258,50 @@ def render_html(report: dict[str, Any], max_list: int = 50) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>Data audit</title><style>{css}</style>"
         f"</head><body>{''.join(s)}</body></html>\n"
     )
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report's warnings and shortcut tables (statistics and manifest columns) as Markdown."""
+    out = [f"# Data audit: {report['data']}", "", "## Warnings", ""]
+    out += [f"- {w}" for w in report["warnings"]] or ["None."]
+    out += [
+        "",
+        "## Shortcuts: nuisance statistics",
+        "",
+        f"ROC-AUC of each statistic alone, folded to >= 0.5; warning above {SHORTCUT_WARN_AUC}.",
+        "",
+        "| split | statistic | AUC | warning | direction |",
+        "|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {r['split']} | {r['statistic']} | {_num(r['auc'])} | "
+        f"{'**yes**' if r['warning'] else 'no'} | {r['direction'] or ''} |"
+        for r in report["shortcuts"]
+    ]
+    if report["metadata_shortcuts"]:
+        methods = report["metadata_methods"]
+        out += [
+            "",
+            "## Shortcuts: manifest columns",
+            "",
+            f"ROC-AUC of each column alone, folded to >= 0.5; warning above {SHORTCUT_WARN_AUC}. "
+            f"{methods['numeric'][0].upper()}{methods['numeric'][1:]}. "
+            f"{methods['categorical'][0].upper()}{methods['categorical'][1:]}.",
+            "",
+            "| column | kind | AUC | warning | direction | n | categories |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {m['column']} | {m['kind']} | {_num(m['auc'])} | "
+            f"{'**yes**' if m['warning'] else 'no'} | {_md_cell(m['direction'] or '')} | {m['n']} | "
+            f"{'' if m['categories'] is None else m['categories']} |"
+            for m in report["metadata_shortcuts"]
+        ]
+    return "\n".join(out) + "\n"
 
 
 def _fmt_summary(x: dict[str, float] | None) -> str:

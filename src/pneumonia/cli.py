@@ -231,14 +231,16 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from pneumonia.data import is_npz, load_images, resolve_split, split_samples
+    from pneumonia.data import is_manifest, is_npz, load_images, resolve_split, split_samples
     from pneumonia.evaluate import evaluate_predictions, markdown_summary
     from pneumonia.guard import OUTCOMES
 
     if a.plots:  # first: a missing `plots` extra is reported before minutes of inference
         from pneumonia.plots import plot_report, plot_training_curves
     predictor = _load_predictor(a.model)
-    folder = a.data / a.split if is_npz(a.data) else resolve_split(a.data, a.split)
+    folder = a.data if is_manifest(a.data) else a.data / a.split
+    if not (is_npz(a.data) or is_manifest(a.data)):
+        folder = resolve_split(a.data, a.split)
     dataset = _evaluated_dataset(a, predictor)
     loaded = load_images(split_samples(a.data, a.split), predictor.spec, progress=not a.no_progress)
     probs, checks = predictor.probabilities_and_checks(loaded.x)
@@ -534,6 +536,7 @@ def cmd_audit(a: argparse.Namespace) -> int:
         NEAR_DUPLICATE_DISTANCE,
         audit,
         render_html,
+        render_markdown,
     )
     from pneumonia.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 
@@ -554,6 +557,9 @@ def cmd_audit(a: argparse.Namespace) -> int:
     if a.html:
         a.html.parent.mkdir(parents=True, exist_ok=True)
         a.html.write_text(render_html(report))
+    if a.markdown:
+        a.markdown.parent.mkdir(parents=True, exist_ok=True)
+        a.markdown.write_text(render_markdown(report))
     for w in report["warnings"]:
         log.warning("%s", w)
     ts = report["patients"]["trainer_split"] or {}
@@ -570,6 +576,11 @@ def cmd_audit(a: argparse.Namespace) -> int:
                     f"{r['split']}:{r['statistic']} {r['auc']}"
                     for r in report["shortcuts"]
                     if r["warning"]
+                ]
+                + [
+                    f"manifest:{m['column']} {m['auc']}"
+                    for m in report["metadata_shortcuts"]
+                    if m["warning"]
                 ],
                 "seconds": report["seconds"],
             }
@@ -666,8 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         help=(
-            "Kaggle root, split folder, or MedMNIST .npz (its val "
-            "split is the validation split); required unless --resume"
+            "Kaggle root, split folder, CSV manifest (its train rows), or MedMNIST .npz (its "
+            "val split is the validation split); required unless --resume"
         ),
     )
     t.add_argument("--out", type=Path, help="run folder to write; required unless --resume")
@@ -728,10 +739,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser(
-        "evaluate", help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA} or a MedMNIST .npz"
+        "evaluate",
+        help="evaluate an exported model on DIR/{NORMAL,PNEUMONIA}, a CSV manifest or a MedMNIST .npz",
     )
     v.add_argument(
-        "--data", type=Path, required=True, help="Kaggle root, split folder, or MedMNIST .npz"
+        "--data",
+        type=Path,
+        required=True,
+        help="Kaggle root, split folder, CSV manifest (docs/data.md), or MedMNIST .npz",
     )
     v.add_argument(
         "--split",
@@ -859,7 +874,11 @@ def build_parser() -> argparse.ArgumentParser:
     # 8, not 32: on the shipped model a batch of 32 held ~160 MB more activations per worker
     # for ~3% more images/s (1,872 films, one worker: 237 MB at 8, 394 MB at 32).
     sc.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
-    sc.add_argument("--path-column", default="path", help="manifest column of image paths")
+    sc.add_argument(
+        "--path-column",
+        default=None,
+        help="manifest column of image paths (default: path, else relpath)",
+    )
     sc.add_argument("--id-column", default="id", help="Parquet-of-bytes column of image ids")
     sc.add_argument("--bytes-column", help="Parquet-of-bytes image column (default: binary column)")
     sc.add_argument("--part-rows", type=int, default=1000, help="rows per part saved while scoring")
@@ -913,12 +932,17 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="counts, patients, duplicates, image formats and shortcuts of a labelled data set",
         description="Audit DATA: a Kaggle root (train|val|test/{NORMAL,PNEUMONIA}), one labelled "
-        "folder, a CSV manifest (path, label or class, optional split) or a MedMNIST .npz. "
+        "folder (with an optional manifest.csv), a CSV manifest (path or relpath, label as 0/1 or "
+        "NORMAL/PNEUMONIA, optional patient_id, site, split and metadata columns) or a MedMNIST "
+        ".npz. "
         "Prints a summary; --json and --html write the full report (docs/data.md).",
     )
     au.add_argument("data", type=Path)
     au.add_argument("--json", type=Path, help="write the full report as JSON")
     au.add_argument("--html", type=Path, help="write the report as a self-contained HTML page")
+    au.add_argument(
+        "--markdown", type=Path, help="write the warnings and shortcut tables as Markdown"
+    )
     au.add_argument(
         "--near-distance",
         type=int,

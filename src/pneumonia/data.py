@@ -5,17 +5,25 @@ or one split folder) and MedMNIST ``.npz`` files (``pneumoniamnist_224.npz`` and
 sizes: ``{train,val,test}_images`` uint8 (N, H, W) and ``{train,val,test}_labels`` (N, 1),
 1 = pneumonia). Both give :class:`Sample` lists, and :func:`load_images` reads both with the
 preprocessing of serving (an npz image with ``preprocess_uint8``: the scaling of an 8-bit file).
+
+A CSV manifest (:func:`read_manifest`, the one reader of every command) names the images of a
+set: a ``path`` or ``relpath`` column (relative paths: to the manifest's folder), a ``label``
+(0/1 or NORMAL/PNEUMONIA, any case), optional ``patient_id``, ``site`` and ``split``; any other
+column is kept per row as metadata. A labelled folder may hold a ``manifest.csv`` beside its
+``NORMAL/`` and ``PNEUMONIA/``: its patient ids and metadata then belong to the folder's films.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import logging
 import math
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +48,33 @@ DEFAULT_SPLIT_SEED = 0
 SPLIT_PATIENT_GROUPED = "patient-grouped"
 SPLIT_MEDMNIST_VAL = "medmnist-val"
 
-# Patient id rules of the Kermany file names (see the data README).
+# Patient id rules of the file names (see the data README): Kermany's three, then NIH
+# ChestX-ray14's PATIENT_FOLLOWUP (``00001280_004.png``).
 _PATIENT_RULES = (
     re.compile(r"^(person\d+)_", re.IGNORECASE),
     re.compile(r"^(NORMAL2-IM-\d+)-", re.IGNORECASE),
     re.compile(r"^(IM-\d+)-", re.IGNORECASE),
+    re.compile(r"^(\d{8})_\d{3}\."),
 )
+
+#: Manifest columns, in the order of preference where there are two spellings.
+PATH_COLUMNS = ("path", "relpath")
+LABEL_COLUMNS = ("label", "class")
+PATIENT_COLUMN = "patient_id"
+SITE_COLUMN = "site"
+SPLIT_COLUMN = "split"
+#: The manifest a labelled folder may hold beside NORMAL/ and PNEUMONIA/.
+FOLDER_MANIFEST = "manifest.csv"
+#: Where a row's patient id came from when the manifest has none for it.
+PATIENT_FROM_MANIFEST = "manifest"
 
 
 class DatasetLayoutError(ValueError):
     """The folder does not have the expected NORMAL/ and PNEUMONIA/ layout."""
+
+
+class ManifestError(DatasetLayoutError):
+    """A manifest lacks a column or holds a bad row; the message names the line and value."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +87,13 @@ class Sample:
     path: Path
     label: int
     npz_index: int | None = None
+    #: The patient as a manifest names it; None: parsed from the file name.
+    manifest_patient: str | None = None
 
     @property
     def patient(self) -> str:
+        if self.manifest_patient is not None:
+            return self.manifest_patient
         if self.npz_index is not None:  # MedMNIST has no patient ids: each image is its own
             return f"{self.path.parent.name}/{self.npz_index}"
         return patient_id(self.path.name)
@@ -110,7 +139,8 @@ def patient_id(filename: str) -> str:
     """Patient of a Kermany file name; a file matching no rule is its own patient.
 
     ``person123_bacteria_456.jpeg`` -> ``person123``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
-    ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``.
+    ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``; NIH ``00001280_004.png`` ->
+    ``00001280``.
     """
     for rule in _PATIENT_RULES:
         m = rule.match(filename)
@@ -128,6 +158,166 @@ def patient_id_rule(filename: str) -> tuple[str, str | None]:
     return filename, None
 
 
+def parse_label(raw: str) -> int:
+    """The class index of a label as a manifest writes it: 0/1 or a class name, any case.
+
+    Raises:
+        ValueError: ``raw`` is none of these (the caller names the row).
+    """
+    text = raw.strip()
+    if text in ("0", "1"):
+        return int(text)
+    upper = text.upper()
+    if upper in LABELS:
+        return LABELS.index(upper)
+    raise ValueError(f"label {raw!r} is not one of 0, 1, {', '.join(LABELS)} (any case)")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One image of a manifest (or of a labelled folder) with what the manifest says of it."""
+
+    line: int  # line of the file the row ends on (the header is line 1); 0: no manifest row
+    key: str  # the path as the manifest writes it (or relative to the folder)
+    path: Path  # the file to read
+    label: int | None  # None when labels were not asked for
+    patient: str  # from the patient_id column, else from the file name
+    patient_from: str  # PATIENT_FROM_MANIFEST, a file-name rule's pattern, or "file name"
+    site: str | None = None
+    split: str | None = None
+    #: Every other column of the row, as written.
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def sample(self) -> Sample:
+        """The row as a labelled :class:`Sample` (its patient kept where the manifest named it)."""
+        if self.label is None:
+            raise ValueError(f"{self.key} has no label")
+        manifest_patient = self.patient if self.patient_from == PATIENT_FROM_MANIFEST else None
+        return Sample(self.path, self.label, manifest_patient=manifest_patient)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The rows of a manifest or labelled folder, and its metadata columns in file order."""
+
+    source: Path
+    rows: list[ManifestRow]
+    metadata_columns: tuple[str, ...]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [r.sample for r in self.rows]
+
+
+def manifest_columns(
+    header: Sequence[str], source: Path, path_column: str | None = None, *, labels: bool = True
+) -> tuple[str, str | None]:
+    """(path column, label column) of a manifest header.
+
+    Args:
+        header: the column names.
+        source: the manifest, for the message.
+        path_column: the path column's name; None: ``path``, else ``relpath``.
+        labels: whether a label column is required.
+
+    Raises:
+        ManifestError: a required column is missing.
+    """
+    candidates = PATH_COLUMNS if path_column is None else (path_column,)
+    pcol = next((c for c in candidates if c in header), None)
+    lcol = next((c for c in LABEL_COLUMNS if c in header), None)
+    if pcol is None or (labels and lcol is None):
+        need = " or ".join(repr(c) for c in candidates)
+        if labels:
+            need += " column and a 'label' (0/1 or NORMAL/PNEUMONIA)"
+        raise ManifestError(f"manifest {source} needs a {need} column; it has {list(header)}")
+    return pcol, lcol
+
+
+def _bad_row(source: Path, line: int, what: str) -> ManifestError:
+    return ManifestError(f"manifest {source}, line {line}: {what}")
+
+
+def iter_manifest(
+    source: Path, *, path_column: str | None = None, labels: bool = True
+) -> Iterator[ManifestRow]:
+    """The rows of a CSV manifest, one at a time and checked as they are read.
+
+    Args:
+        source: the CSV file.
+        path_column: the path column's name; None: ``path``, else ``relpath``.
+        labels: whether each row must carry a label (scoring needs none).
+
+    Raises:
+        ManifestError: a missing column, or a row with an empty path or a bad label (the
+            message names its line and value).
+    """
+    source = Path(source)
+    try:
+        f = source.open(newline="", encoding="utf-8-sig")  # utf-8-sig: Excel writes a BOM
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {source}: {exc.strerror or exc}") from None
+    with f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        pcol, lcol = manifest_columns(header, source, path_column, labels=labels)
+        used = {pcol, *LABEL_COLUMNS, PATIENT_COLUMN, SITE_COLUMN, SPLIT_COLUMN}
+        other = [c for c in header if c not in used]
+        for row in reader:
+            # The line the row ends on: its line unless a quoted field spans lines.
+            line = reader.line_num
+            bad = functools.partial(_bad_row, source, line)
+            if None in row:
+                raise bad(f"more fields than the header's {len(header)}: {row[None]!r}")
+            key = (row.get(pcol) or "").strip()
+            if not key:
+                raise bad(f"empty {pcol!r}")
+            label = None
+            if labels and lcol is not None:
+                try:
+                    label = parse_label(row.get(lcol) or "")
+                except ValueError as exc:
+                    raise bad(f"{lcol} column: {exc}") from None
+            rel = Path(key)
+            pid = (row.get(PATIENT_COLUMN) or "").strip()
+            pfrom = PATIENT_FROM_MANIFEST
+            if not pid:
+                pid, rule = patient_id_rule(rel.name)
+                pfrom = rule or "file name"
+            yield ManifestRow(
+                line=line,
+                key=key,
+                path=rel if rel.is_absolute() else source.parent / rel,
+                label=label,
+                patient=pid,
+                patient_from=pfrom,
+                site=(row.get(SITE_COLUMN) or "").strip() or None,
+                split=(row.get(SPLIT_COLUMN) or "").strip() or None,
+                metadata={c: row.get(c) or "" for c in other},
+            )
+
+
+def _metadata_columns(source: Path, path_column: str | None, labels: bool) -> tuple[str, ...]:
+    with Path(source).open(newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    pcol, _ = manifest_columns(header, source, path_column, labels=labels)
+    used = {pcol, *LABEL_COLUMNS, PATIENT_COLUMN, SITE_COLUMN, SPLIT_COLUMN}
+    return tuple(c for c in header if c not in used)
+
+
+def read_manifest(source: Path, *, path_column: str | None = None, labels: bool = True) -> Manifest:
+    """Every row of a CSV manifest (see :func:`iter_manifest`), checked.
+
+    Raises:
+        ManifestError: a missing column or a bad row, or no rows at all.
+    """
+    rows = list(iter_manifest(source, path_column=path_column, labels=labels))
+    if not rows:
+        raise ManifestError(f"manifest {source} has no rows")
+    return Manifest(Path(source), rows, _metadata_columns(source, path_column, labels))
+
+
 def is_image_file(path: Path) -> bool:
     return (
         path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
@@ -137,15 +327,40 @@ def is_image_file(path: Path) -> bool:
 def list_split(folder: Path) -> list[Sample]:
     """List the images of one split folder holding ``NORMAL/`` and ``PNEUMONIA/``.
 
+    With a ``manifest.csv`` beside the class folders, each film's patient is the manifest's
+    (see :func:`read_folder`).
+
     Raises:
         DatasetLayoutError: a class folder is missing, or a class holds no images.
+        ManifestError: the folder's manifest is malformed or contradicts a class folder.
+    """
+    return read_folder(folder).samples
+
+
+def read_folder(folder: Path) -> Manifest:
+    """The films of a labelled folder (``NORMAL/``, ``PNEUMONIA/``) as manifest rows.
+
+    The label is the class folder's. An optional ``manifest.csv`` beside the class folders
+    (``path`` or ``relpath`` relative to the folder) gives each film it lists its patient id,
+    site, split and metadata; a film it does not list keeps its file-name patient.
+
+    Raises:
+        DatasetLayoutError: a class folder is missing, or a class holds no images.
+        ManifestError: the manifest is malformed, or labels a film unlike its class folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetLayoutError(
             f"{folder} is not a folder; expected a folder holding NORMAL/ and PNEUMONIA/"
         )
-    samples: list[Sample] = []
+    listed: dict[Path, ManifestRow] = {}
+    metadata_columns: tuple[str, ...] = ()
+    manifest_file = folder / FOLDER_MANIFEST
+    if manifest_file.is_file():
+        manifest = read_manifest(manifest_file)
+        metadata_columns = manifest.metadata_columns
+        listed = {r.path: r for r in manifest.rows}
+    rows: list[ManifestRow] = []
     for label, name in enumerate(LABELS):
         cls_dir = folder / name
         if not cls_dir.is_dir():
@@ -159,8 +374,37 @@ def list_split(folder: Path) -> list[Sample]:
             raise DatasetLayoutError(
                 f"{cls_dir} holds no images; expected files ending in {sorted(IMAGE_SUFFIXES)}"
             )
-        samples.extend(Sample(p, label) for p in files)
-    return samples
+        for p in files:
+            key = p.relative_to(folder).as_posix()
+            m = listed.get(p)
+            if m is None:
+                pid, rule = patient_id_rule(p.name)
+                rows.append(ManifestRow(0, key, p, label, pid, rule or "file name"))
+                continue
+            if m.label != label:
+                raise ManifestError(
+                    f"manifest {manifest_file}, line {m.line}: labels {m.key} "
+                    f"{LABELS[m.label or 0]} but it lies in {name}/; correct the manifest"
+                )
+            rows.append(
+                ManifestRow(
+                    m.line, key, p, label, m.patient, m.patient_from, m.site, m.split, m.metadata
+                )
+            )
+    return Manifest(folder, rows, metadata_columns)
+
+
+def read_labelled(data: Path) -> Manifest:
+    """A labelled set for a command: a CSV manifest or a labelled folder (:func:`read_folder`).
+
+    Raises:
+        DatasetLayoutError: neither, or a folder without the class folders.
+        ManifestError: a malformed manifest.
+    """
+    data = Path(data)
+    if data.is_file() and is_manifest(data):
+        return read_manifest(data)
+    return read_folder(data)
 
 
 def resolve_split(root: Path, split: str) -> Path:
@@ -279,10 +523,36 @@ def list_npz_split(path: Path, split: str) -> list[Sample]:
     return [Sample(base / f"{i:05d}", int(y), i) for i, y in enumerate(labels)]
 
 
+def is_manifest(path: Path | str) -> bool:
+    """Whether ``path`` names a CSV manifest (by its suffix)."""
+    return Path(path).suffix.lower() == ".csv"
+
+
+def manifest_split(manifest: Manifest, split: str) -> list[Sample]:
+    """The samples of a manifest's rows whose ``split`` is ``split``; every row when no row
+    names a split.
+
+    Raises:
+        ManifestError: rows name splits, but none is ``split``.
+    """
+    named = sorted({r.split for r in manifest.rows if r.split})
+    if not named:
+        return manifest.samples
+    if split not in named:
+        raise ManifestError(
+            f"manifest {manifest.source} has no row of split {split!r} (its splits: {named}); "
+            "choose one of them, or leave the split column empty to use every row"
+        )
+    return [r.sample for r in manifest.rows if r.split == split]
+
+
 def split_samples(data: Path, split: str) -> list[Sample]:
-    """The samples of ``split`` of a data source: a Kaggle root, a split folder, or an .npz."""
+    """The samples of ``split`` of a data source: a Kaggle root, a split folder, an .npz, or
+    a CSV manifest (:func:`manifest_split`)."""
     if is_npz(data):
         return list_npz_split(data, split)
+    if is_manifest(data):
+        return manifest_split(read_manifest(data), split)
     return list_split(resolve_split(data, split))
 
 
@@ -301,9 +571,10 @@ def train_val_split(
 ) -> TrainValSplit:
     """The training and validation samples the trainer uses for ``data``.
 
-    A folder: its ``train`` split (optionally subsampled to ``max_images``), split by
-    :func:`grouped_split`. An .npz: MedMNIST's own train and val splits (the file has no
-    patient ids), each subsampled in proportion when ``max_images`` is set.
+    A folder or CSV manifest: its ``train`` split (a manifest without a split column: every
+    row; optionally subsampled to ``max_images``), split by :func:`grouped_split`. An .npz:
+    MedMNIST's own train and val splits (the file has no patient ids), each subsampled in
+    proportion when ``max_images`` is set.
     """
     if is_npz(data):
         train, val = list_npz_split(data, "train"), list_npz_split(data, "val")
@@ -312,7 +583,7 @@ def train_val_split(
             train = _subsample(train, max(2, math.floor(share * len(train))), seed)
             val = _subsample(val, max(2, math.ceil(share * len(val))), seed)
         return TrainValSplit(train, val, SPLIT_MEDMNIST_VAL)
-    samples = list_split(resolve_split(data, "train"))
+    samples = split_samples(data, "train")
     if max_images is not None:
         samples = _subsample(samples, max_images, seed)
     train, val = grouped_split(samples, val_fraction, seed)

@@ -428,7 +428,9 @@ def recalibrate_model(
         else np.zeros(0)
     )
     ids = [
-        patient_id_rule(s.path.name) if s.npz_index is None else (s.patient, None)
+        (s.patient, "manifest")
+        if s.manifest_patient is not None
+        else (patient_id_rule(s.path.name) if s.npz_index is None else (s.patient, None))
         for s in loaded.samples
     ]
     result = recalibrate_scores(

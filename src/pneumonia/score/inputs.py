@@ -18,7 +18,11 @@ from typing import Any, ClassVar, Protocol
 from pneumonia.data import (
     IMAGE_SUFFIXES,
     NPZ_SPLITS,
+    PATH_COLUMNS,
     DatasetLayoutError,
+    ManifestError,
+    iter_manifest,
+    manifest_columns,
     read_npz_split,
 )
 from pneumonia.preprocess import DICOM_MAGIC, DICOM_MAGIC_OFFSET
@@ -114,9 +118,14 @@ class ManifestSource:
 
     def iter_keys(self) -> Iterator[str]:
         if self.manifest.suffix.lower() == ".csv":
-            with self.manifest.open(newline="") as f:
-                for row in csv.DictReader(f):
-                    yield row[self.column]
+            # The one manifest reader (labels not needed), row by row: memory stays flat.
+            try:
+                yield from (
+                    r.key
+                    for r in iter_manifest(self.manifest, path_column=self.column, labels=False)
+                )
+            except ManifestError as exc:
+                raise ScoreError(str(exc)) from None
         else:
             pa = require_pyarrow("a Parquet manifest")
             dataset = pa.dataset.dataset(self.manifest, format="parquet")
@@ -193,14 +202,16 @@ class NpzSource:
 def open_input(
     path: Path,
     *,
-    path_column: str = "path",
+    path_column: str | None = None,
     id_column: str = "id",
     bytes_column: str | None = None,
 ) -> FolderSource | ManifestSource | ParquetBytesSource | NpzSource:
     """Recognise what ``path`` is and return the matching source.
 
     A folder is an image tree (unless named ``*.parquet``, as Spark writes them); a ``.csv``
-    is a manifest; a ``.parquet`` is image bytes if it has a binary column, else a manifest.
+    is a manifest (read by :func:`pneumonia.data.iter_manifest`); a ``.parquet`` is image
+    bytes if it has a binary column, else a manifest. ``path_column`` None: ``path``, else
+    ``relpath``.
 
     Raises:
         ScoreError: the path is missing, of no known kind, or lacks the named columns.
@@ -214,14 +225,13 @@ def open_input(
     if suffix == ".npz":
         return NpzSource(path)
     if suffix == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
-        if path_column not in header:
-            raise ScoreError(
-                f"manifest {path} has no column {path_column!r} (columns: {header}); "
-                "name the path column with --path-column"
-            )
-        return ManifestSource(path, path_column)
+        try:
+            column, _ = manifest_columns(header, path, path_column, labels=False)
+        except ManifestError as exc:
+            raise ScoreError(f"{exc}; name the path column with --path-column") from None
+        return ManifestSource(path, column)
     if suffix in PARQUET_SUFFIXES:
         pa = require_pyarrow("a Parquet input")
         schema = pa.dataset.dataset(path, format="parquet").schema
@@ -242,10 +252,13 @@ def open_input(
                     "name the columns with --id-column/--bytes-column"
                 )
             return ParquetBytesSource(path, id_column, col)
-        if path_column not in names:
+        candidates = PATH_COLUMNS if path_column is None else (path_column,)
+        found = next((c for c in candidates if c in names), None)
+        if found is None:
             raise ScoreError(
-                f"{path} has neither a binary image column nor a path column {path_column!r} "
-                f"(columns: {names}); use --bytes-column or --path-column"
+                f"{path} has neither a binary image column nor a path column "
+                f"{' or '.join(map(repr, candidates))} (columns: {names}); "
+                "use --bytes-column or --path-column"
             )
-        return ManifestSource(path, path_column)
+        return ManifestSource(path, found)
     raise ScoreError(f"cannot score {path}: INPUT must be {_KINDS}")
