@@ -115,12 +115,16 @@ def test_nih_file_names_group_by_patient() -> None:
     assert patient_id("12345_004.png") == "12345_004.png"  # not eight digits: its own patient
 
 
-def test_folder_with_manifest_takes_its_patients_and_metadata(tmp_path: Path) -> None:
+def test_folder_with_manifest_takes_its_patients_and_metadata(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = site(tmp_path / "site", patients=6)
     (root / "manifest.csv").write_text(
         (root / "manifest.csv").read_text().replace(",00000003,", ",P-three,")
+        + "NORMAL/gone.jpeg,0,P9,AP,heads,40\n"
     )
     m = read_folder(root)
+    assert "lists 1 film(s) that are not in NORMAL/ or PNEUMONIA/" in caplog.text
     assert len(m.rows) == 12 and m.metadata_columns == ("view", "coin", "age")
     assert {r.patient_from for r in m.rows} == {PATIENT_FROM_MANIFEST}
     assert "P-three" in {s.patient for s in list_split(root)}

@@ -262,8 +262,7 @@ def iter_manifest(
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
         pcol, lcol = manifest_columns(header, source, path_column, labels=labels)
-        used = {pcol, *LABEL_COLUMNS, PATIENT_COLUMN, SITE_COLUMN, SPLIT_COLUMN}
-        other = [c for c in header if c not in used]
+        other = _metadata_columns(header, pcol)
         for row in reader:
             # The line the row ends on: its line unless a quoted field spans lines.
             line = reader.line_num
@@ -298,11 +297,9 @@ def iter_manifest(
             )
 
 
-def _metadata_columns(source: Path, path_column: str | None, labels: bool) -> tuple[str, ...]:
-    with Path(source).open(newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), [])
-    pcol, _ = manifest_columns(header, source, path_column, labels=labels)
-    used = {pcol, *LABEL_COLUMNS, PATIENT_COLUMN, SITE_COLUMN, SPLIT_COLUMN}
+def _metadata_columns(header: Sequence[str], path_column: str) -> tuple[str, ...]:
+    """The columns of a header kept as metadata: all but path, label, patient, site, split."""
+    used = {path_column, *LABEL_COLUMNS, PATIENT_COLUMN, SITE_COLUMN, SPLIT_COLUMN}
     return tuple(c for c in header if c not in used)
 
 
@@ -315,7 +312,8 @@ def read_manifest(source: Path, *, path_column: str | None = None, labels: bool 
     rows = list(iter_manifest(source, path_column=path_column, labels=labels))
     if not rows:
         raise ManifestError(f"manifest {source} has no rows")
-    return Manifest(Path(source), rows, _metadata_columns(source, path_column, labels))
+    columns = list(dict.fromkeys(c for r in rows for c in r.metadata))
+    return Manifest(Path(source), rows, tuple(columns))
 
 
 def is_image_file(path: Path) -> bool:
@@ -391,6 +389,14 @@ def read_folder(folder: Path) -> Manifest:
                     m.line, key, p, label, m.patient, m.patient_from, m.site, m.split, m.metadata
                 )
             )
+    missing = len(listed) - sum(r.line > 0 for r in rows)
+    if missing:
+        log.warning(
+            "%s lists %d film(s) that are not in %s/ or %s/; they are left out",
+            manifest_file,
+            missing,
+            *LABELS,
+        )
     return Manifest(folder, rows, metadata_columns)
 
 
