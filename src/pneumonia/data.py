@@ -142,11 +142,7 @@ def patient_id(filename: str) -> str:
     ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``; NIH ``00001280_004.png`` ->
     ``00001280``.
     """
-    for rule in _PATIENT_RULES:
-        m = rule.match(filename)
-        if m:
-            return m.group(1)
-    return filename
+    return patient_id_rule(filename)[0]
 
 
 def patient_id_rule(filename: str) -> tuple[str, str | None]:
