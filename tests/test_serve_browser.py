@@ -52,10 +52,8 @@ def test_page_shows_label_probability_heatmap_and_limits(
         page.wait_for_selector("#result:not([hidden])", timeout=20_000)
         assert page.inner_text("#label") == expected["prediction"]
         shown = page.inner_text("#probability")
-        assert (
-            f"{100 * expected['probability']:.1f}% probability of {expected['prediction']}" in shown
-        )
-        assert f"threshold {100 * expected['threshold']:.1f}%" in shown
+        assert f"P(PNEUMONIA) {100 * expected['probability']:.1f}" in shown
+        assert f"threshold {100 * expected['threshold']:.1f}" in shown
         loaded = page.eval_on_selector("#heatmap", "img => img.complete && img.naturalWidth")
         assert loaded == 320
         if os.environ.get("SERVE_SCREENSHOT"):
@@ -65,4 +63,42 @@ def test_page_shows_label_probability_heatmap_and_limits(
         page.wait_for_selector("#error:not([hidden])", timeout=20_000)
         assert "not a recognised image" in page.inner_text("#error")
         assert page.is_hidden("#result")
+        page.close()
+
+
+def test_an_unlike_training_answer_reads_as_unvalidated(
+    browser, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Regression (issue 19): the page showed "100.0% probability of PNEUMONIA" right under an
+    "unlike the training films" warning."""
+    image = tmp_path / "odd.jpeg"
+    image.write_bytes(encode(synthetic_xray(1, 3, 128)))
+    with running_server(tiny_model, tmp_path) as server:
+        answer = httpx.post(
+            server.url + "/predict", files={"file": ("odd.jpeg", image.read_bytes())}
+        ).json()
+        # The tiny model has no fitted feature check, so the service's own answer is given the
+        # outcome a film unlike the training films gets; the page must read it as unvalidated.
+        answer["input_check"] = {
+            "outcome": "unlike_training",
+            "score": 2.5,
+            "refusal_score": 0.4,
+            "message": "a radiograph unlike the films the model was trained on",
+        }
+        answer["probability"] = answer["probabilities"]["PNEUMONIA"] = 0.999
+        answer["probabilities"]["NORMAL"] = 0.001
+        answer["prediction"] = "PNEUMONIA"
+        page = browser.new_page()
+        page.route(
+            "**/predict?heatmap=true",
+            lambda route: route.fulfill(status=200, json=answer),
+        )
+        page.goto(server.url + "/")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert page.inner_text("#label") == "Unvalidated: PNEUMONIA"
+        shown = page.inner_text("#probability")
+        assert shown.startswith("Not a validated result") and "P(PNEUMONIA) 99.9%" in shown
+        assert "probability of PNEUMONIA" not in shown
+        assert "unlike the films" in page.inner_text("#input-warning")
         page.close()

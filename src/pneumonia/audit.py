@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +52,7 @@ from pneumonia.data import (
 from pneumonia.evaluate import roc_auc
 from pneumonia.labels import LABELS
 from pneumonia.preprocess import ImageError, decode_gray, sniff_format
+from pneumonia.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -328,24 +328,9 @@ def analyse(item: AuditItem, reader: NpzReader) -> ImageFacts:
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Callable[[], None]:
-    """A tick function: tqdm when importable, else a line on stderr every 10%."""
-    if not enabled:
-        return lambda: None
-    try:
-        from tqdm import tqdm  # noqa: TID251 (optional: without it, the lines below)
-
-        bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-        return lambda: bar.update(1)
-    except ImportError:
-        done = [0]
-        step = max(1, total // 10)
-
-        def tick() -> None:
-            done[0] += 1
-            if done[0] % step == 0 or done[0] == total:
-                print(f"{desc}: {done[0]}/{total}", file=sys.stderr, flush=True)
-
-        return tick
+    """A tick function over :func:`pneumonia.progress.progress_bar`."""
+    bar = progress_bar(enabled=enabled, total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return lambda: bar.update(1)
 
 
 def measure(

@@ -23,6 +23,7 @@ from pneumonia.guard import (
 )
 from pneumonia.predictor import sha256_file
 from pneumonia.preprocess import PreprocessSpec
+from pneumonia.progress import progress_bar
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.export import GUARD_FILE
 
@@ -72,11 +73,9 @@ def embed_samples(
 ) -> np.ndarray:
     """``embedding`` rows of the readable films among ``samples``, read a chunk at a time
     through the shared preprocessing."""
-    chunks = range(0, len(samples), CHUNK)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc="embedding films", unit="chunk")
+    chunks = progress_bar(
+        range(0, len(samples), CHUNK), enabled=progress, desc="embedding films", unit="chunk"
+    )
     return np.concatenate(
         [embed_inputs(net, load_images(samples[i : i + CHUNK], spec).x) for i in chunks]
     )
@@ -88,11 +87,9 @@ def shifted_features(
     """``embedding`` rows of the validation inputs ``x`` under each of ``SITE_SHIFTS``."""
     from pneumonia.training.stress import SITE_SHIFTS, perturbed_batches
 
-    names = list(SITE_SHIFTS)
-    if progress:
-        from tqdm import tqdm
-
-        names = tqdm(names, desc="shifted validation films", unit="shift")
+    names = progress_bar(
+        list(SITE_SHIFTS), enabled=progress, desc="shifted validation films", unit="shift"
+    )
     out = {}
     for name in names:
         batches = perturbed_batches(x, name, seed, CHUNK, table=SITE_SHIFTS)

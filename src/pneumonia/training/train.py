@@ -44,6 +44,7 @@ from pneumonia.evaluate import (
     roc_auc,
     threshold_metrics,
 )
+from pneumonia.progress import progress_bar
 from pneumonia.training.augment import augment_batch
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.model import ModelConfig, build_model
@@ -199,15 +200,15 @@ def train_member(
         t0 = time.time()
         perm = torch.randperm(len(x_train), generator=g)
         batches = range(steps_per_epoch)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                batches, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False
-            )
+        bar = progress_bar(
+            batches,
+            enabled=progress,
+            desc=f"seed {seed} epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+        )
         running = 0.0
-        for b in bar if bar is not None else batches:
+        for b in bar:
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one image
                 continue
@@ -220,10 +221,8 @@ def train_member(
             opt.step()
             step += 1
             running += float(loss.detach())
-            if bar is not None:
-                bar.set_postfix(loss=f"{running / (b + 1):.4f}")
-        if bar is not None:
-            bar.close()
+            bar.set_postfix(loss=f"{running / (b + 1):.4f}")
+        bar.close()
         val_logits = predict_logits(model, val.x)
         val_auc = roc_auc(val.y, val_logits)
         val_loss = float(

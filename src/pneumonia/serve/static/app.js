@@ -19,25 +19,31 @@
   }
 
   function render(r) {
-    const label = $("label");
-    label.textContent = r.prediction;
-    label.className = "label " + r.prediction;
-    const pPneumonia = r.probabilities.PNEUMONIA;
+    // `probability` is the calibrated P(PNEUMONIA) for every answer; the label is the
+    // threshold's verdict on it.
+    const pPneumonia = r.probability;
     const [pShown, tShown] = pctPair(pPneumonia, r.threshold);
-    $("probability").textContent =
-      pct(r.probability) + " probability of " + r.prediction +
-      " · P(PNEUMONIA) " + pShown + (pPneumonia >= r.threshold ? " ≥ " : " < ") +
+    const verdict = "P(PNEUMONIA) " + pShown + (pPneumonia >= r.threshold ? " ≥ " : " < ") +
       "threshold " + tShown;
+    // The input check: a film unlike the training films (or, when the service only flags, an
+    // image that is not a chest X-ray) gets an answer the model was never validated for. It
+    // reads as such: no confident label, the reason first.
+    const check = r.input_check;
+    const unvalidated = Boolean(check && check.outcome !== "typical");
+    const label = $("label");
+    label.textContent = unvalidated ? "Unvalidated: " + r.prediction : r.prediction;
+    label.className = "label " + (unvalidated ? "unvalidated" : r.prediction);
+    $("probability").textContent = unvalidated
+      ? "Not a validated result: the model was not validated on images like this one. " +
+        "Model output only: " + verdict
+      : verdict;
     $("meter-fill").style.width = pct(pPneumonia);
     $("meter-threshold").style.left = pct(r.threshold);
     $("threshold-text").textContent = "threshold " + pct(r.threshold);
     $("p-normal").textContent = pct(r.probabilities.NORMAL);
     $("p-pneumonia").textContent = pct(pPneumonia);
-    // The input check: a film unlike the training films (or, when the service only flags,
-    // an image that is not a chest X-ray) is answered with a warning above the result.
-    const check = r.input_check;
     const warning = $("input-warning");
-    if (check && check.outcome !== "typical") {
+    if (unvalidated) {
       const score = check.score === null || check.score === undefined ? "" : " (score " + check.score.toFixed(2) + ")";
       warning.textContent = "Warning: " + check.message + score + ".";
       show(warning, true);
@@ -57,7 +63,7 @@
       $("heatmap-caption").textContent = "";
     }
     $("meta").textContent =
-      r.model.name + " " + r.model.version + " · sha256 " + r.model.sha256.slice(0, 12) +
+      r.model.name + " " + r.model.version + " · weights " + r.model.weights_sha256.slice(0, 12) +
       " · " + r.processing_ms.toFixed(0) + " ms · request " + r.request_id;
     show($("result"), true);
   }
