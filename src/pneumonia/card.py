@@ -1141,7 +1141,7 @@ def render_markdown(
     lines += ["", *_training_lines(card)]
     if v:
         lines += [
-            "## Validation metrics (the validation split: every choice was made on it)",
+            "## Validation metrics (the split the checkpoint, calibration and threshold were chosen on)",
             "| metric | value |",
             "|---|---|",
             *[f"| {k} | {fmt(x)} |" for k, x in v.items()],
