@@ -166,10 +166,6 @@ class Predictor:
             raise ModelLoadError(
                 f"model file {self.path} does not exist; set MODEL_PATH or --model to an exported .onnx"
             )
-        digests = file_digests(self.path)
-        self.sha256 = digests.sha256
-        #: The file without its metadata: the same whatever card it carries (pneumonia.card).
-        self.weights_sha256 = digests.weights_sha256
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or available_cpus()
         opts.inter_op_num_threads = 1
@@ -185,6 +181,15 @@ class Predictor:
             raise ModelLoadError(
                 f"model file {self.path} is not a valid ONNX model ({type(exc).__name__})"
             ) from None
+        try:
+            digests = file_digests(self.path)
+        except CardError as exc:  # onnxruntime read it, so this is unlikely; never a traceback
+            raise ModelLoadError(
+                f"model file {self.path} is not a valid ONNX model: {exc}"
+            ) from None
+        self.sha256 = digests.sha256
+        #: The file without its metadata: the same whatever card it carries (pneumonia.card).
+        self.weights_sha256 = digests.weights_sha256
         meta = self.session.get_modelmeta().custom_metadata_map
         if CARD_METADATA_KEY not in meta:
             raise ModelLoadError(
