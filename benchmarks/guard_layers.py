@@ -28,10 +28,11 @@ import torch
 from pneumonia.data import load_images
 from pneumonia.guard import Ppca, image_reasons
 from pneumonia.preprocess import ImageError, preprocess_image
+from pneumonia.shifts import zoom_out
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.effnet import LITE0_STAGES, EfficientNetLite0, pooled_stats
 from pneumonia.training.guard_fit import run_split
-from pneumonia.training.stress import SITE_SHIFTS, perturbed_batches, zoom_out
+from pneumonia.training.stress import SITE_SHIFTS, perturbed_batches
 from pneumonia.training.train import load_member
 
 CANDIDATES = {
@@ -93,7 +94,7 @@ def main() -> int:
         feats[f"shift:{name}"] = stage_stats(net, x)
     log(f"embedded the validation films under {len(SITE_SHIFTS)} shifts")
     # Not one of the shifts: a film shrunk to 65% of a dark frame, to show where refusal starts.
-    small = zoom_out(0.65)(torch.from_numpy(sub), torch.Generator()).numpy()
+    small = zoom_out(0.65)(sub, np.random.default_rng(0))
     feats["zoom_out_0.65"] = stage_stats(net, small)
     dev_x = []
     for f in sorted(p for p in a.dev.glob("*/*") if p.is_file()):

@@ -50,16 +50,28 @@ def test_every_site_shift_keeps_shape_and_range_changes_the_film_and_is_determin
         assert a.shape == x.shape and a.dtype == torch.float32, name
         assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0, name
         assert torch.equal(a, b) and not torch.equal(a, torch.from_numpy(x)), name
-    t = torch.from_numpy(x)
-    out = SITE_SHIFTS["zoom_out_0.8"](t, torch.Generator())
+    g = np.random.default_rng(0)
+    out = SITE_SHIFTS["zoom_out_0.8"](x, g)
     # The frame around the shrunk film is each film's darkest tone.
-    assert torch.equal(out[:, :, 0, :], t.amin(dim=(2, 3))[:, :, None].expand(-1, -1, 64))
-    assert torch.allclose(SITE_SHIFTS["inverted"](t, torch.Generator()), 1 - t)
-    eq = SITE_SHIFTS["equalized"](
-        torch.full((1, 1, 8, 8), 0.2).clamp(0, 1) * torch.arange(64.0).view(1, 1, 8, 8) / 12.6,
-        torch.Generator(),
+    assert np.array_equal(
+        out[:, :, 0, :], np.broadcast_to(x.min(axis=(2, 3))[:, :, None], (6, 1, 64))
     )
-    assert float(eq.max()) == 1.0
+    assert np.allclose(SITE_SHIFTS["inverted"](x, g), 1 - x)
+    ramp = (np.full((1, 1, 8, 8), 0.2) * np.arange(64.0).reshape(1, 1, 8, 8) / 12.6).clip(0, 1)
+    assert float(SITE_SHIFTS["equalized"](ramp.astype(np.float32), g).max()) == 1.0
+
+
+def test_shifts_are_one_numpy_implementation_shared_with_training() -> None:
+    """Regression (issue 20): the site shifts had a torch copy on the training side only; the
+    lean side (``pneumonia adapt``) needs them too, so training now wraps the numpy ones."""
+    from pneumonia import shifts
+    from pneumonia.training import stress
+
+    assert stress.SITE_SHIFTS is shifts.SITE_SHIFTS and stress.PERTURBATIONS is shifts.PERTURBATIONS
+    x = _films(n=3, size=32)
+    a = torch.cat(perturbed_batches(x, "blur_1.5", 0, table=SITE_SHIFTS)).numpy()
+    b = np.concatenate(list(shifts.shifted_batches(x, "blur_1.5", 0, table=SITE_SHIFTS)))
+    assert np.array_equal(a, b)
 
 
 def test_wider_raises_and_narrower_lowers_the_shape_statistic() -> None:

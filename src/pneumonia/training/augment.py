@@ -97,16 +97,11 @@ def crop_extent(area: torch.Tensor, aspect: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """One gray image (1, H, W) in [0, 1] through 8-bit JPEG at ``quality`` and back."""
-    import io
+    """One gray image (1, H, W) in [0, 1] through 8-bit JPEG at ``quality`` and back
+    (:func:`pneumonia.shifts.jpeg_roundtrip`)."""
+    from pneumonia.shifts import jpeg_roundtrip
 
-    import numpy as np
-    from PIL import Image
-
-    u8 = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=int(quality))
-    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"), dtype=np.float32) / 255.0
+    back = jpeg_roundtrip(x[0].detach().cpu().numpy(), quality)
     return torch.from_numpy(back)[None].to(x.dtype)
 
 
