@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Extras the test suite needs; `ray` is the optional distributed scorer (tests skip it when absent).
-TEST_EXTRAS ?= train,plots,dev,ray
+TEST_EXTRAS ?= train,plots,dev,ray,adapt
 PIP := $(BIN)/python -m pip
 
 # `make train DATA=...`, `make evaluate DATA=...`: a Kaggle-layout folder (train/ and test/ inside).

@@ -1,5 +1,5 @@
 """Every command a user runs: ``pneumonia train|export|evaluate|predict|card|serve|score|
-recalibrate|data audit|data download``."""
+recalibrate|adapt|data audit|data download``."""
 
 from __future__ import annotations
 
@@ -619,6 +619,47 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0 if check.matches else 1
 
 
+def cmd_adapt(a: argparse.Namespace) -> int:
+    from pneumonia.adapt import AdaptError, adapt_model
+
+    try:
+        report = adapt_model(
+            a.model,
+            a.data,
+            a.out,
+            min_sensitivity=a.min_sensitivity,
+            force=a.force,
+            n_boot=a.bootstrap,
+            progress=not a.no_progress,
+        )
+    except AdaptError as exc:
+        print(f"pneumonia adapt: error: {exc}", file=sys.stderr)
+        return 2
+    if a.report:
+        from pneumonia import atomic
+
+        a.report.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(a.report, json.dumps(report, indent=1) + "\n")
+    for w in report["warnings"]:
+        log.warning("%s", w)
+    cv = report["cross_validated"]
+    print(
+        json.dumps(
+            {
+                "out": report["out"],
+                "head": report["head"]["chosen"],
+                "cross_validated": {
+                    k: cv[k] for k in ("auc", "auc_ci95", "sensitivity", "specificity", "ece")
+                },
+                "base_auc_on_site": report["base_on_site"]["auc"],
+                "threshold": report["fitted"]["threshold"],
+                "seconds": round(report["seconds"], 1),
+            }
+        )
+    )
+    return 0
+
+
 def cmd_recalibrate(a: argparse.Namespace) -> int:
     from pneumonia.recalibrate import recalibrate_model
 
@@ -925,6 +966,32 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--report", type=Path, help="also write the full report as JSON")
     rc.add_argument("--no-progress", action="store_true")
     rc.set_defaults(func=cmd_recalibrate)
+    ad = sub.add_parser(
+        "adapt",
+        help="fit a new head, operating point and input check to a site's labelled films",
+        description="Fit a new head on MODEL's features to the labelled films of SITE "
+        "(DIR/{NORMAL,PNEUMONIA}), chosen by patient-grouped cross-validation, and write one "
+        "complete model for the site (served as it is: MODEL_PATH=SITE.onnx pneumonia serve) with "
+        "its card: cross-validated figures with patient-bootstrap intervals, a learning curve, "
+        "the input check refitted on the site. Needs the `adapt` extra (onnx); no torch. "
+        "See docs/site.md.",
+    )
+    ad.add_argument("--model", type=Path, required=True, help="the base .onnx model (only read)")
+    ad.add_argument("--data", type=Path, required=True, help="the site's labelled films")
+    ad.add_argument("--out", type=Path, required=True, help="the site model to write (.onnx)")
+    ad.add_argument(
+        "--min-sensitivity",
+        type=float,
+        help="operating point: the highest threshold whose cross-fitted site sensitivity is at "
+        "least this (default: Youden's J on the cross-fitted site scores)",
+    )
+    ad.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ad.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)"
+    )
+    ad.add_argument("--report", type=Path, help="also write the full report as JSON")
+    ad.add_argument("--no-progress", action="store_true")
+    ad.set_defaults(func=cmd_adapt)
 
     d = sub.add_parser("data", help="know your data: audit a data set, download the Kaggle set")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -552,3 +552,93 @@ def fit_feature_guard(
 def image_only_check(reasons: list[str]) -> InputCheck:
     """The verdict for a model without fitted feature statistics: the image checks alone."""
     return InputCheck(NOT_A_CHEST_XRAY if reasons else TYPICAL, None, tuple(reasons))
+
+
+def fit_site_guard(
+    features: np.ndarray,
+    fold: np.ndarray,
+    head_dim: int,
+    shifted: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    components: int = DEFAULT_COMPONENTS,
+    mid_components: int = DEFAULT_MID_COMPONENTS,
+    flag_quantile: float = FLAG_QUANTILE,
+    fitted: dict[str, Any] | None = None,
+) -> FeatureGuard:
+    """The input check refitted on one site's films (``pneumonia adapt``), thresholds cross-fitted.
+
+    A site has no separate validation split, so each film's distances are measured by
+    statistics fitted on the other folds (patient-grouped); the flag thresholds are the
+    ``flag_quantile`` of those held-out distances, the refusal threshold the largest held-out
+    mid-level distance of any film, as it is or under any simulated shift of site. The
+    statistics the file carries are then fitted on all the films.
+
+    Args:
+        features: ``embedding`` rows of the site films (N, D + M).
+        fold: Fold index per film (whole patients per fold).
+        head_dim: D, the penultimate width; the rest are mid-level statistics.
+        shifted: Shift name -> (row indices into ``features`` of the films it was applied to,
+            their ``embedding`` rows under the shift).
+        components / mid_components / flag_quantile: As :func:`fit_feature_guard`.
+        fitted: Provenance to store.
+
+    Raises:
+        ValueError: fewer than 2 folds, or a fold leaves fewer than 3 films to fit on.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    fold = np.asarray(fold)
+    folds = sorted(set(fold.tolist()))
+    if len(folds) < 2 or not 0 < head_dim < f.shape[1] or not shifted:
+        raise ValueError(
+            f"need at least 2 folds, 0 < head_dim < {f.shape[1]} and shifted films; "
+            f"got {len(folds)} folds, head_dim {head_dim}, {len(shifted)} shifts"
+        )
+    head_d, mid_d = np.zeros(len(f)), np.zeros(len(f))
+    shift_d = {k: np.zeros(len(ix)) for k, (ix, _) in shifted.items()}
+    for k in folds:
+        held = fold == k
+        if int((~held).sum()) < 3:
+            raise ValueError(
+                f"fold {k} leaves {int((~held).sum())} films to fit the input check on"
+            )
+        head = Ppca.fit(f[~held, :head_dim], components)
+        mid = Ppca.fit(f[~held, head_dim:], mid_components)
+        head_d[held] = head.distance(f[held, :head_dim])
+        mid_d[held] = mid.distance(f[held, head_dim:])
+        for name, (ix, rows) in shifted.items():
+            here = held[ix]
+            if here.any():
+                shift_d[name][here] = mid.distance(np.asarray(rows)[here, head_dim:])
+    flag = float(np.quantile(head_d, flag_quantile))
+    mid_flag = float(np.quantile(mid_d, flag_quantile))
+    by_shift = {k: float(v.max()) for k, v in shift_d.items() if len(v)}
+    worst = max(by_shift, key=lambda k: by_shift[k])
+    refuse = max(float(mid_d.max()), by_shift[worst])
+    info: dict[str, Any] = {
+        **(fitted or {}),
+        "n_train": len(f),
+        "n_validation": len(f),
+        "flag_rule": (
+            f"{flag_quantile:.1%} quantile of the site films' held-out distances "
+            f"({len(folds)} patient-grouped folds)"
+        ),
+        "validation_distance_quantiles": _quantiles(head_d, ("0.5", "0.9", "0.99", "0.995", "1.0")),
+        "refuse_rule": (
+            "largest held-out mid-level distance of any site film, as it is or under any of "
+            f"{len(shifted)} simulated shifts of site"
+        ),
+        "refuse_set_by": worst if by_shift[worst] >= mid_d.max() else "clean",
+        "mid_validation_distance_quantiles": _quantiles(mid_d, ("0.5", "0.99", "0.995", "1.0")),
+        "mid_shifted_max_distance": by_shift,
+        "shifted_films": {k: len(ix) for k, (ix, _) in shifted.items()},
+        "validation_flagged": float(((head_d > flag) | (mid_d > mid_flag)).mean()),
+        "validation_refused": float((mid_d > refuse).mean()),
+    }
+    return FeatureGuard(
+        Ppca.fit(f[:, :head_dim], components),
+        flag,
+        refuse,
+        Ppca.fit(f[:, head_dim:], mid_components),
+        mid_flag,
+        info,
+    )

@@ -92,7 +92,43 @@ def grouped_folds(y: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) -
     return fold
 
 
-def _metrics(y: np.ndarray, p: np.ndarray, positive: np.ndarray) -> dict[str, float | None]:
+def cross_fit(
+    logits: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str],
+    rule: str,
+    min_sensitivity: float,
+    k: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Cross-fitted (calibrated P(PNEUMONIA), calls, per-fold fits): each film scored by a
+    calibration and threshold fitted on the other ``k - 1`` patient-grouped folds.
+
+    Raises:
+        ValueError: a fold's fitting part lacks a class.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    fold = grouped_folds(y, groups, k, seed)
+    p_oof = np.zeros(len(y))
+    pos_oof = np.zeros(len(y), dtype=bool)
+    per_fold = []
+    for f in range(k):
+        fit, held = fold != f, fold == f
+        if len(np.unique(y[fit])) < 2:
+            raise ValueError(
+                f"fold {f}'s fitting part lacks a class; the site set is too small to cross-fit"
+            )
+        t, b, thr = refit(z[fit], y[fit], rule, min_sensitivity)
+        p_oof[held] = calibrated_probability(z[held], t, b)
+        pos_oof[held] = p_oof[held] >= thr
+        per_fold.append(
+            {"temperature": t, "bias": b, "threshold": thr, "n_held_out": int(held.sum())}
+        )
+    return p_oof, pos_oof, per_fold
+
+
+def site_metrics(y: np.ndarray, p: np.ndarray, positive: np.ndarray) -> dict[str, float | None]:
+    """:data:`METRICS` of probabilities ``p`` and calls ``positive`` against labels ``y``."""
     y = y.astype(bool)
     tp, fn = int((positive & y).sum()), int((~positive & y).sum())
     tn, fp = int((~positive & ~y).sum()), int((positive & ~y).sum())
@@ -113,7 +149,7 @@ def _metrics(y: np.ndarray, p: np.ndarray, positive: np.ndarray) -> dict[str, fl
     }
 
 
-def _bootstrap(
+def patient_bootstrap(
     y: np.ndarray, groups: Sequence[str], fn: Any, n_boot: int, seed: int
 ) -> dict[str, list[float | None]]:
     """95% percentile intervals of each metric of ``fn(indices)``, resampling patients."""
@@ -183,6 +219,7 @@ def recalibrate_scores(
     groups: Sequence[str],
     *,
     original: tuple[float, float, float],
+    base_logits: np.ndarray | None = None,
     rule: str,
     min_sensitivity: float,
     folds: int = 5,
@@ -196,6 +233,9 @@ def recalibrate_scores(
         y: Their labels (1 = PNEUMONIA).
         groups: Patient id per film (a film without one: its own id).
         original: The model's (temperature, bias, threshold).
+        base_logits: The original model's logits on these films when ``logits`` are another
+            head's (``pneumonia adapt``): "before" is then that model as it was; default
+            ``logits``.
         rule / min_sensitivity: The threshold rule to refit.
         folds: Cross-fitting folds (grouped by patient, stratified).
 
@@ -213,34 +253,20 @@ def recalibrate_scores(
         raise ValueError("the site films must hold both NORMAL and PNEUMONIA films")
     n_groups = len(set(groups))
     k = max(2, min(folds, n_groups))
-    fold = grouped_folds(y, groups, k, seed)
-    p_oof = np.zeros(len(y))
-    pos_oof = np.zeros(len(y), dtype=bool)
-    per_fold = []
-    for f in range(k):
-        fit, held = fold != f, fold == f
-        if len(np.unique(y[fit])) < 2:
-            raise ValueError(
-                f"fold {f}'s fitting part lacks a class; the site set is too small to cross-fit"
-            )
-        t, b, thr = refit(z[fit], y[fit], rule, min_sensitivity)
-        p_oof[held] = calibrated_probability(z[held], t, b)
-        pos_oof[held] = p_oof[held] >= thr
-        per_fold.append(
-            {"temperature": t, "bias": b, "threshold": thr, "n_held_out": int(held.sum())}
-        )
+    p_oof, pos_oof, per_fold = cross_fit(z, y, groups, rule, min_sensitivity, k, seed)
     t0, b0, thr0 = original
-    p_before = calibrated_probability(z, t0, b0)
+    z0 = z if base_logits is None else np.asarray(base_logits, dtype=np.float64)
+    p_before = calibrated_probability(z0, t0, b0)
     pos_before = p_before >= thr0
     temperature, bias = fit_calibration(z, y)
     pick = pick_threshold(rule, y, calibrated_probability(z, temperature, bias), min_sensitivity)
     threshold = pick.threshold
 
     def before(ix: np.ndarray) -> dict[str, float | None]:
-        return {**_metrics(y[ix], p_before[ix], pos_before[ix]), "auc": roc_auc(y[ix], z[ix])}
+        return {**site_metrics(y[ix], p_before[ix], pos_before[ix]), "auc": roc_auc(y[ix], z0[ix])}
 
     def after(ix: np.ndarray) -> dict[str, float | None]:
-        return {**_metrics(y[ix], p_oof[ix], pos_oof[ix]), "auc": roc_auc(y[ix], z[ix])}
+        return {**site_metrics(y[ix], p_oof[ix], pos_oof[ix]), "auc": roc_auc(y[ix], z[ix])}
 
     auc = roc_auc(y, z)
     return {
@@ -258,20 +284,20 @@ def recalibrate_scores(
         "auc": auc,
         "folds": {"k": k, "grouped_by": "patient", "per_fold": per_fold},
         "before": {
-            **_metrics(y, p_before, pos_before),
-            "ci95": _bootstrap(y, groups, before, n_boot, seed),
+            **site_metrics(y, p_before, pos_before),
+            "ci95": patient_bootstrap(y, groups, before, n_boot, seed),
         },
         "after": {
-            **_metrics(y, p_oof, pos_oof),
-            "ci95": _bootstrap(y, groups, after, n_boot, seed),
+            **site_metrics(y, p_oof, pos_oof),
+            "ci95": patient_bootstrap(y, groups, after, n_boot, seed),
             "how": (
                 "cross-fitted: each film scored by a calibration and threshold fitted on the other "
                 f"{k - 1} of {k} patient-grouped folds"
             ),
         },
-        "auc_ci95": _bootstrap(y, groups, lambda ix: {"auc": roc_auc(y[ix], z[ix])}, n_boot, seed)[
-            "auc"
-        ],
+        "auc_ci95": patient_bootstrap(
+            y, groups, lambda ix: {"auc": roc_auc(y[ix], z[ix])}, n_boot, seed
+        )["auc"],
         "warnings": size_warnings(y, n_groups, rule, min_sensitivity, k),
         "ranking": RANKING_NOTE,
     }

@@ -162,7 +162,8 @@ def equalize(x: np.ndarray, g: np.random.Generator) -> np.ndarray:
     def one(im: np.ndarray) -> np.ndarray:
         v = np.round(np.clip(im, 0, 1) * 255).astype(np.int64)
         cdf = np.cumsum(np.bincount(v.ravel(), minlength=256)).astype(np.float32)
-        return (cdf / cdf[-1])[v]
+        out: np.ndarray = (cdf / cdf[-1])[v]
+        return out
 
     return _per_image(x, one)
 
@@ -187,7 +188,8 @@ def contrast(factor: float) -> Shift:
 
     def f(x: np.ndarray, g: np.random.Generator) -> np.ndarray:
         m = x.mean(axis=(2, 3), keepdims=True)
-        return np.clip((x - m) * factor + m, 0.0, 1.0).astype(np.float32)
+        out: np.ndarray = np.clip((x - m) * factor + m, 0.0, 1.0).astype(np.float32)
+        return out
 
     return f
 
