@@ -856,6 +856,8 @@ def adaptation_record(
             "shifted_films": SHIFT_FILMS,
             "site_flagged_cross_fitted": guard.fitted.get("validation_flagged"),
             "site_refused_cross_fitted": guard.fitted.get("validation_refused"),
+            "site_refused_by_base": guard.fitted.get("site_refused_by_base"),
+            "inherited_refusal": guard.fitted.get("inherited_refusal"),
         },
         "heatmap": heatmap["statement"],
         "warnings": list(warnings),
@@ -937,7 +939,9 @@ def render_adaptation_section(card: dict[str, Any]) -> str:
         f"- Input check: refitted on {r['input_check']['refitted_on']}; refusal distance "
         f"{r['input_check']['refuse_distance']:.3f} (set by {r['input_check']['refuse_set_by']}); "
         f"cross-fitted on the site films {_f(r['input_check']['site_flagged_cross_fitted'])} "
-        f"flagged, {_f(r['input_check']['site_refused_cross_fitted'])} refused.",
+        f"flagged, {_f(r['input_check']['site_refused_cross_fitted'])} refused; "
+        f"{r['input_check'].get('inherited_refusal') or 'no inherited refusal'} "
+        f"(refuses {_f(r['input_check'].get('site_refused_by_base'))} of the site films).",
         "",
         f"Figures on the site's films (95% patient-bootstrap intervals). Adapted: {cv['how']}.",
         "",
@@ -1088,6 +1092,13 @@ def adapt_model(
             head_dim,
             shifted,
             fitted={"fitted_on": f"site films of {site.source.get('data')} (pneumonia adapt)"},
+            base=predictor.guard,
+        )
+    by_base = guard.fitted.get("site_refused_by_base") or 0.0
+    if by_base > 0.01:
+        warnings.append(
+            f"the base model's input check refuses {by_base:.1%} of the site films as not chest "
+            "X-rays, and the adapted model inherits that refusal: check those films"
         )
     warnings += fit["calibration"]["warnings"]
     log.info("input check refitted at %.0f s; writing the model", time.perf_counter() - start)

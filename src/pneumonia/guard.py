@@ -315,6 +315,11 @@ class FeatureGuard:
         refuse_distance: Distance above which an image is ``not_a_chest_xray``: in the mid
             features when there are any, else (format 1) in the head features.
         fitted: How it was fitted (data, split, counts, quantiles), for the model card.
+        base_mid: A site-adapted model's (``pneumonia adapt``) inherited refusal: the base
+            model's mid-level Gaussian of its training films. An image is refused when either
+            this or ``mid`` (the site's) finds it past its refusal distance, so a site refit
+            never lets through what the base check refused. None otherwise.
+        base_refuse_distance: Its refusal distance (the base model's).
     """
 
     head: Ppca
@@ -323,6 +328,8 @@ class FeatureGuard:
     mid: Ppca | None = None
     mid_flag_distance: float | None = None
     fitted: dict[str, Any] = field(default_factory=dict)
+    base_mid: Ppca | None = None
+    base_refuse_distance: float | None = None
 
     @property
     def dim(self) -> int:
@@ -341,11 +348,15 @@ class FeatureGuard:
     def check(self, features: np.ndarray, reasons: list[list[str]]) -> list[InputCheck]:
         """Verdicts for a batch of features, given each image's image-check reasons."""
         head, mid = self.distances(features)
-        refusing = mid if mid is not None else head
+        refusing = (mid if mid is not None else head) / self.refuse_distance
+        if self.base_mid is not None and self.base_refuse_distance and self.mid is not None:
+            f = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+            inherited = self.base_mid.distance(f[:, self.head.dim :]) / self.base_refuse_distance
+            refusing = np.maximum(refusing, inherited)
         out = []
         for i, why in enumerate(reasons):
             score = float(head[i] / self.flag_distance)
-            refusal = float(refusing[i] / self.refuse_distance)
+            refusal = float(refusing[i])
             why = list(why)
             if refusal > 1:
                 part = "mid-level features" if mid is not None else "features"
@@ -398,6 +409,14 @@ class FeatureGuard:
             "mid": self.mid.to_dict() if self.mid is not None else None,
             "mid_flag_distance": self.mid_flag_distance,
             "fitted": self.fitted,
+            **(
+                {
+                    "base_mid": self.base_mid.to_dict(),
+                    "base_refuse_distance": self.base_refuse_distance,
+                }
+                if self.base_mid is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -414,6 +433,7 @@ class FeatureGuard:
                 head = Ppca.from_dict(d["head"])
                 mid = Ppca.from_dict(d["mid"]) if d.get("mid") is not None else None
             mid_flag = d.get("mid_flag_distance")
+            base_mid = Ppca.from_dict(d["base_mid"]) if d.get("base_mid") is not None else None
             guard = cls(
                 head=head,
                 flag_distance=float(d["flag_distance"]),
@@ -421,6 +441,8 @@ class FeatureGuard:
                 mid=mid,
                 mid_flag_distance=float(mid_flag) if mid_flag is not None else None,
                 fitted=dict(d.get("fitted", {})),
+                base_mid=base_mid,
+                base_refuse_distance=float(d["base_refuse_distance"]) if base_mid else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"invalid input check statistics: {exc!r}") from None
@@ -428,6 +450,14 @@ class FeatureGuard:
             guard.mid_flag_distance is not None and guard.mid_flag_distance > 0
         )
         bad_head = guard.mid is None and guard.refuse_distance < guard.flag_distance
+        bad_mid = bad_mid or (
+            guard.base_mid is not None
+            and (
+                guard.mid is None
+                or guard.base_mid.dim != guard.mid.dim
+                or not (guard.base_refuse_distance or 0) > 0
+            )
+        )
         if not (guard.flag_distance > 0 and guard.refuse_distance > 0) or bad_mid or bad_head:
             raise ValueError("invalid input check statistics: thresholds out of range")
         return guard
@@ -564,6 +594,7 @@ def fit_site_guard(
     mid_components: int = DEFAULT_MID_COMPONENTS,
     flag_quantile: float = FLAG_QUANTILE,
     fitted: dict[str, Any] | None = None,
+    base: FeatureGuard | None = None,
 ) -> FeatureGuard:
     """The input check refitted on one site's films (``pneumonia adapt``), thresholds cross-fitted.
 
@@ -581,6 +612,8 @@ def fit_site_guard(
             their ``embedding`` rows under the shift).
         components / mid_components / flag_quantile: As :func:`fit_feature_guard`.
         fitted: Provenance to store.
+        base: The base model's input check: its refusal is inherited (``base_mid``), so that
+            the refit refuses at least what the base check refused.
 
     Raises:
         ValueError: fewer than 2 folds, or a fold leaves fewer than 3 films to fit on.
@@ -634,6 +667,15 @@ def fit_site_guard(
         "validation_flagged": float(((head_d > flag) | (mid_d > mid_flag)).mean()),
         "validation_refused": float((mid_d > refuse).mean()),
     }
+    inherit = base is not None and base.mid is not None and base.mid.dim == f.shape[1] - head_dim
+    if inherit:
+        assert base is not None and base.mid is not None
+        inherited = base.mid.distance(f[:, head_dim:]) / base.refuse_distance
+        info["inherited_refusal"] = (
+            "also refused: mid-level distance past the base model's refusal distance from its "
+            "own training films (its refusal, unchanged)"
+        )
+        info["site_refused_by_base"] = float((inherited > 1).mean())
     return FeatureGuard(
         Ppca.fit(f[:, :head_dim], components),
         flag,
@@ -641,4 +683,6 @@ def fit_site_guard(
         Ppca.fit(f[:, head_dim:], mid_components),
         mid_flag,
         info,
+        base_mid=base.mid if inherit and base is not None else None,
+        base_refuse_distance=base.refuse_distance if inherit and base is not None else None,
     )
