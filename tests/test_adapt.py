@@ -109,13 +109,13 @@ def _graph(extra_meta: dict[str, str]) -> bytes:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base model with a card and an input check fitted on stripe-free films."""
+    from pneumonia.card import Calibration, ModelCard, ThresholdChoice, weights_digest, write_model
     from pneumonia.guard import fit_feature_guard
     from pneumonia.preprocess import PreprocessSpec, preprocess_bytes
-    from pneumonia.recalibrate import with_metadata
     from pneumonia.shifts import SITE_SHIFTS, shifted_batches
 
     spec = PreprocessSpec(size=SIZE)
-    raw = _graph({"frontal_check": '{"kept": true}'})
+    raw = _graph({})
     ort = pytest.importorskip("onnxruntime")
     sess = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
 
@@ -130,23 +130,23 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for k in SITE_SHIFTS
     }
     guard = fit_feature_guard(emb(films[:60]), emb(films[60:]), head_dim=HEAD_DIM, shifted=shifted)
-    card = {
-        "name": "tiny-base",
-        "version": "0.1",
-        "labels": ["NORMAL", "PNEUMONIA"],
-        "threshold": 0.5,
-        "temperature": 1.0,
-        "bias": 0.0,
-        "preprocess": spec.to_dict(),
-        "input_check": {**guard.summary(), "members_sha256": ["ab" * 32]},
-    }
-    props = {
-        "frontal_check": '{"kept": true}',
-        "model_card": json.dumps(card),
-        "input_guard": json.dumps(guard.to_dict()),
-    }
+    card = ModelCard(
+        name="tiny-base",
+        version="0.1.0",
+        created="2026-01-01T00:00:00+00:00",
+        threshold=0.5,
+        threshold_rule=ThresholdChoice("youden", None, "synthetic films"),
+        calibration=Calibration(1.0, 0.0, "synthetic films"),
+        preprocess=spec.to_dict(),
+        input={"name": "image", "dtype": "float32", "shape": ["N", 1, SIZE, SIZE]},
+        outputs={"logit": "raw logit", "cam": "map", "embedding": "features"},
+        architecture={"arch": "tiny test graph"},
+        weights_sha256=weights_digest(raw),
+        input_check=guard.summary(),
+    )
     out = tmp_path_factory.mktemp("base") / "base.onnx"
-    out.write_bytes(with_metadata(raw, props))
+    extra = {"frontal_check": '{"kept": true}', "input_guard": json.dumps(guard.to_dict())}
+    write_model(out, raw, card, extra)
     return out
 
 
@@ -193,21 +193,20 @@ def test_adapt_recovers_a_label_the_base_head_ignores_and_recalibrate_cannot(
                  "--threshold-rule", "youden", "--bootstrap", "20", "--no-progress"]) == 0  # fmt: skip
     rec_auc = json.loads(rec.with_suffix(".card.json").read_text())["site_recalibration"]["auc"]
     assert rec_auc < 0.75
-    assert (
-        base_model.stat().st_size and Predictor(base_model, threads=1).card["name"] == "tiny-base"
-    )
+    assert Predictor(base_model, threads=1).card.name == "tiny-base"
 
 
 def test_the_adapted_file_round_trips_with_a_heatmap_of_the_new_head(
     adapted: tuple[Path, dict], base_model: Path, site: Path
 ) -> None:
-    from pneumonia.recalibrate import read_metadata
+    from pneumonia.card import read_metadata
 
     out, report = adapted
     p = Predictor(out, threads=1)
     meta = read_metadata(out.read_bytes())
     assert meta["frontal_check"] == '{"kept": true}'  # keys adapt does not own travel along
-    assert p.card["site_adaptation"]["fitted"]["threshold"] == p.threshold
+    assert p.card.site_adaptation is not None
+    assert p.card.site_adaptation["fitted"]["threshold"] == p.threshold
     films = sorted(site.rglob("*.png"))
     x = np.stack([p.preprocess(f.read_bytes()) for f in films])
     logits, cams, emb = p.run_all(x)
@@ -220,7 +219,9 @@ def test_the_adapted_file_round_trips_with_a_heatmap_of_the_new_head(
     assert not np.allclose(logits, base_logits)
 
 
-def test_the_card_holds_no_patient_id(adapted: tuple[Path, dict], site: Path) -> None:
+def test_the_card_holds_no_patient_id(
+    adapted: tuple[Path, dict], site: Path, base_model: Path
+) -> None:
     out, report = adapted
     text = out.with_suffix(".card.json").read_text() + out.with_suffix(".card.md").read_text()
     text += json.dumps(report)
@@ -230,7 +231,12 @@ def test_the_card_holds_no_patient_id(adapted: tuple[Path, dict], site: Path) ->
     assert (
         rec["site"]["counts"] == {"NORMAL": 30, "PNEUMONIA": 30} and rec["site"]["patients"] == 30
     )
-    assert len(rec["site"]["files_sha256"]) == 64 and rec["base"]["weights_sha256"] == ["ab" * 32]
+    assert len(rec["site"]["files_sha256"]) == 64
+    base = Predictor(base_model, threads=1)
+    assert (
+        rec["base"]["weights_sha256"] == base.weights_sha256
+        and rec["base"]["sha256"] == base.sha256
+    )
     assert [row["films"] for row in rec["learning_curve"]["rows"]][:1] == [25]
 
 
@@ -356,3 +362,39 @@ def test_the_logistic_solver_matches_scikit_learn() -> None:
     np.testing.assert_allclose(head.decision(x), ref.decision_function(xs), atol=1e-4)
     w, b = head.folded(200)
     np.testing.assert_allclose(x @ w + b, head.decision(x), atol=1e-8)
+
+
+def test_a_manifest_with_text_or_numeric_labels_gives_the_same_site(
+    base_model: Path, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pneumonia.adapt import read_site
+    from pneumonia.preprocess import PreprocessSpec
+
+    films = sorted(site.rglob("*.png"))
+    spec = PreprocessSpec(size=SIZE)
+    sites = []
+    for kind in ("text", "numeric"):
+        lines = ["path,label,patient_id,view"]
+        for i, f in enumerate(films):
+            label = f.parent.name if kind == "text" else str(int(f.parent.name == "PNEUMONIA"))
+            lines.append(f"{f},{label},pt{i // 3},{'AP' if i % 2 else 'PA'}")
+        csv = tmp_path / f"{kind}.csv"
+        csv.write_text("\n".join(lines) + "\n")
+        sites.append(read_site(csv, spec))
+    a, b = sites
+    assert a.y.tolist() == b.y.tolist() and a.groups == b.groups and a.y.sum() == 30
+    assert a.metadata["view"][:2] == ["PA", "AP"] and len(set(a.groups)) == 20
+    assert [m["column"] for m in a.source["shortcuts"]] == ["view"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"path,diagnosis\n{films[0]},NORMAL\n")
+    args = [
+        "adapt",
+        "--model",
+        str(base_model),
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "o.onnx"),
+    ]
+    assert main([*args, "--no-progress"]) == 2
+    assert "label" in capsys.readouterr().err

@@ -37,23 +37,29 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.evaluate import roc_auc
-from pneumonia.guard import (
-    EMBEDDING_OUTPUT,
+from pneumonia.card import (
+    CARD_METADATA_KEY,
     GUARD_METADATA_KEY,
-    FeatureGuard,
-    fit_site_guard,
+    Calibration,
+    ModelCard,
+    ModelRef,
+    ThresholdChoice,
+    read_model_card,
+    weights_digest,
+    with_metadata,
+    write_model,
 )
+from pneumonia.evaluate import roc_auc
+from pneumonia.guard import EMBEDDING_OUTPUT, FeatureGuard, fit_site_guard
 from pneumonia.labels import LABELS
 from pneumonia.recalibrate import (
     cross_fit,
     files_digest,
     grouped_folds,
     patient_bootstrap,
-    read_metadata,
     recalibrate_scores,
     site_metrics,
-    with_metadata,
+    site_version,
 )
 from pneumonia.shifts import SITE_SHIFTS, shifted_batches
 
@@ -84,7 +90,11 @@ MIN_SUBGROUP = 20
 #: Films embedded per onnxruntime call.
 BATCH = 32
 
-RULES = ("youden", "min_sensitivity")
+#: Operating-point rules of pneumonia.card.RULES that adapt offers: Youden's J by default,
+#: a sensitivity floor with --min-sensitivity.
+ADAPT_RULES = ("youden", "min_sensitivity")
+#: Where the site's rule and calibration are fitted (the card's ``fitted_on``).
+SITE_SCORES = "the cross-fitted scores of the site's films (site_adaptation)"
 
 
 class AdaptError(ValueError):
@@ -575,38 +585,42 @@ class SiteFilms:
 
 
 def read_site(data: Path, spec: Any, progress: bool = False) -> SiteFilms:
-    """The labelled films of a site folder (``NORMAL/`` and ``PNEUMONIA/``).
+    """The labelled films of a site: a folder (``NORMAL/``, ``PNEUMONIA/``, optional
+    ``manifest.csv``) or a CSV manifest, read by :func:`pneumonia.data.read_labelled`, with the
+    audit's shortcut screen of the manifest's columns.
 
     Raises:
-        AdaptError: no such folder, an unreadable film, one class only, or too few films or
-            patients per class.
+        AdaptError: no such data, a malformed manifest (its line named), or an unreadable film.
     """
-    from pneumonia.data import DatasetLayoutError, load_images, patient_id_rule, split_samples
+    from pneumonia.audit import metadata_shortcuts
+    from pneumonia.data import DatasetLayoutError, load_images, read_labelled
 
     data = Path(data)
     try:
-        samples = split_samples(data, "train")
-    except DatasetLayoutError as exc:
+        manifest = read_labelled(data)
+    except DatasetLayoutError as exc:  # a ManifestError too
         raise AdaptError(str(exc)) from None
-    loaded = load_images(samples, spec, progress=progress)
+    rows = manifest.rows
+    loaded = load_images([r.sample for r in rows], spec, progress=progress)
     if loaded.skipped:
         listed = "; ".join(f"{p}: {why}" for p, why in loaded.skipped[:5])
         raise AdaptError(
-            f"{len(loaded.skipped)} of {len(samples)} site films could not be read ({listed}"
+            f"{len(loaded.skipped)} of {len(rows)} site films could not be read ({listed}"
             f"{'; ...' if len(loaded.skipped) > 5 else ''}); fix or remove them and run again"
         )
-    ids = [patient_id_rule(s.path.name) for s in loaded.samples]
-    keys = [
-        s.path.relative_to(data).as_posix() if s.path.is_relative_to(data) else s.path.name
-        for s in loaded.samples
-    ]
+    from_manifest = sum(r.patient_from != "file name" for r in rows)
     return SiteFilms(
         x=loaded.x,
         y=loaded.y,
-        groups=[pid for pid, _ in ids],
-        keys=keys,
-        metadata={},
-        source={"data": data.name, "ids_parsed": sum(r is not None for _, r in ids)},
+        groups=[r.patient for r in rows],
+        keys=[r.key for r in rows],
+        metadata={c: [r.metadata.get(c) for r in rows] for c in manifest.metadata_columns},
+        source={
+            "data": data.name,
+            "patient_ids_from": f"the manifest or a file-name rule for {from_manifest} of "
+            f"{len(rows)} films (the rest: one patient per film)",
+            "shortcuts": [m.to_dict() for m in metadata_shortcuts(rows)],
+        },
     )
 
 
@@ -712,8 +726,8 @@ def fit_site(
         figures, :func:`pneumonia.recalibrate.recalibrate_scores`), ``base_auc``,
         ``learning_curve``, ``subgroups``.
     """
-    if rule not in RULES:
-        raise AdaptError(f"unknown operating-point rule {rule!r}; expected one of {RULES}")
+    if rule not in ADAPT_RULES:
+        raise AdaptError(f"unknown operating-point rule {rule!r}; expected one of {ADAPT_RULES}")
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(y).astype(np.int64)
     groups = list(groups)
@@ -756,14 +770,8 @@ def fit_site(
 # ----------------------------------------------------------------------------- the card
 
 
-def _weights_digest(card: dict[str, Any]) -> list[str] | None:
-    """sha256 of the base network's weights (its members' checkpoints), where the card says."""
-    digest = (card.get("input_check") or {}).get("members_sha256")
-    return list(digest) if digest else None
-
-
 def adaptation_record(
-    base_card: dict[str, Any],
+    base_card: ModelCard,
     base_sha256: str,
     site: SiteFilms,
     fit: dict[str, Any],
@@ -782,14 +790,14 @@ def adaptation_record(
     return {
         "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "base": {
-            "name": base_card.get("name"),
-            "version": base_card.get("version"),
+            "name": base_card.name,
+            "version": base_card.version,
             "sha256": base_sha256,
-            "weights_sha256": _weights_digest(base_card),
-            "created": base_card.get("created"),
-            "threshold": base_card.get("threshold"),
-            "temperature": base_card.get("temperature"),
-            "bias": base_card.get("bias"),
+            "weights_sha256": base_card.weights_sha256,
+            "created": base_card.created,
+            "threshold": base_card.threshold,
+            "temperature": base_card.temperature,
+            "bias": base_card.bias,
         },
         "site": {
             "data": site.source.get("data"),
@@ -836,7 +844,7 @@ def adaptation_record(
             **{k: calib["before"][k] for k in keep},
             "ci95": calib["before"]["ci95"],
         },
-        "fitted": calib["fitted"],
+        "fitted": {**calib["fitted"], "bound_by": calib["bound_by"]},
         "calibration_folds": calib["folds"],
         "learning_curve": {
             "how": (
@@ -847,6 +855,7 @@ def adaptation_record(
             "rows": fit["learning_curve"],
         },
         "subgroups": fit["subgroups"],
+        "shortcuts": list(site.source.get("shortcuts", [])),
         "input_check": {
             "refitted_on": "the site films (thresholds cross-fitted by patient)",
             "flag_distance": guard.flag_distance,
@@ -865,50 +874,49 @@ def adaptation_record(
 
 
 def adapted_card(
-    base_card: dict[str, Any], record: dict[str, Any], guard: FeatureGuard
-) -> dict[str, Any]:
-    """The adapted model's card: what the Predictor needs, the base network's identity, and the
-    ``site_adaptation`` record; the base head's figures are not the new model's and stay out."""
+    base_card: ModelCard,
+    record: dict[str, Any],
+    guard: FeatureGuard,
+    weights_sha256: str,
+    base_sha256: str,
+) -> ModelCard:
+    """The adapted model's card: the base network's identity and training record, the site's
+    head, operating point, calibration and input check, the base file in its lineage and the
+    ``site_adaptation`` record. The base head's validation figures are not the new model's and
+    are left out."""
     fitted = record["fitted"]
     rule = record["cross_validated"]["rule"]
-    keep = ("labels", "positive_label", "preprocess", "input", "architecture", "versions")
-    outputs = dict(base_card.get("outputs") or {})
+    outputs = dict(base_card.outputs)
     outputs["logit"] = "raw logit of PNEUMONIA from the site head, shape (N,)"
     outputs["cam"] = f"shape (N, h, w): {record['heatmap']}"
-    return {
-        **{k: base_card[k] for k in keep if k in base_card},
-        "name": f"{base_card.get('name')}-site",
-        "version": str(base_card.get("version", "")),
-        "created": record["date"],
-        "threshold": fitted["threshold"],
-        "threshold_rule": {
-            **rule,
-            "description": "Youden's J on the cross-fitted site scores"
-            if rule["rule"] == "youden"
-            else "highest threshold whose cross-fitted site sensitivity is at least min_sensitivity",
-            "fitted_on": "site films (site_adaptation)",
-        },
-        "temperature": fitted["temperature"],
-        "bias": fitted["bias"],
-        "calibration": "temperature and bias fitted on the cross-fitted site scores (see "
-        "site_adaptation): p = sigmoid(logit / temperature + bias)",
-        "outputs": outputs,
-        "intended_use": (
-            "Research and engineering use on films of the site it was adapted to (see "
-            "site_adaptation): triage support and benchmarking. Not a diagnostic device; every "
-            "output must be reviewed by a qualified clinician."
+    return base_card.with_(
+        name=f"{base_card.name}-site",
+        version=site_version(base_card.version, record["site"]["files_sha256"]),
+        created=record["date"],
+        threshold=fitted["threshold"],
+        threshold_rule=ThresholdChoice(
+            rule["rule"], rule["min_sensitivity"], SITE_SCORES, bound_by=fitted["bound_by"]
         ),
-        "limitations": [
-            "Fitted and measured on one site's labelled films only; the figures are "
-            "cross-validated on those films, not measured on held-out films of the site.",
-            "The site's labels may be noisy (e.g. text-mined from reports); the head learns "
-            "whatever separates the labels, shortcuts included (see the warnings).",
-            "The base network's weights are unchanged: the head reads features learnt on "
-            "the base model's training films.",
-        ],
-        "input_check": guard.summary(),
-        "site_adaptation": record,
-    }
+        calibration=Calibration(fitted["temperature"], fitted["bias"], SITE_SCORES),
+        outputs=outputs,
+        weights_sha256=weights_sha256,
+        validation_metrics=None,
+        stressed_validation=None,
+        input_check=guard.summary(),
+        lineage=(
+            ModelRef(
+                base_card.name,
+                base_card.version,
+                base_card.weights_sha256,
+                base_sha256,
+                "adapted to a site: the same network, a new head, operating point, calibration and "
+                "input check fitted on the site's films (site_adaptation)",
+            ),
+            *base_card.lineage,
+        ),
+        site_recalibration=None,
+        site_adaptation=record,
+    )
 
 
 def _f(x: Any) -> str:
@@ -919,11 +927,12 @@ def _ci(pair: Sequence[Any] | None) -> str:
     return "" if not pair or pair[0] is None else f" ({_f(pair[0])}-{_f(pair[1])})"
 
 
-def render_adaptation_section(card: dict[str, Any]) -> str:
+def render_adaptation_section(card: ModelCard) -> str:
     """Markdown: the site adaptation, its cross-validated figures and learning curve."""
-    r = card["site_adaptation"]
+    r = card.site_adaptation
+    assert r is not None
     b, s, h, cv, base = r["base"], r["site"], r["head"], r["cross_validated"], r["base_on_site"]
-    weights = ", ".join(f"`{w[:16]}...`" for w in b["weights_sha256"] or []) or "not recorded"
+    weights = f"`{b['weights_sha256']}`"
     lines = [
         "## Site adaptation",
         f"Adapted on {r['date']} from {b['name']} {b['version']} (file sha256 `{b['sha256']}`; "
@@ -933,7 +942,7 @@ def render_adaptation_section(card: dict[str, Any]) -> str:
         "",
         f"- Head: {h['chosen']} on {h['inputs']}; chosen by {h['how_chosen']}.",
         f"- Operating point: threshold {r['fitted']['threshold']:.4f} on calibrated P(PNEUMONIA) "
-        f"({card['threshold_rule']['description']}); temperature {r['fitted']['temperature']:.4f}, "
+        f"({card.threshold_rule.description()}); temperature {r['fitted']['temperature']:.4f}, "
         f"bias {r['fitted']['bias']:.4f}.",
         f"- Heatmap: {r['heatmap']}.",
         f"- Input check: refitted on {r['input_check']['refitted_on']}; refusal distance "
@@ -988,6 +997,19 @@ def render_adaptation_section(card: dict[str, Any]) -> str:
                 f"| {_f(row.get('sensitivity'))}{_ci(ci.get('sensitivity'))} "
                 f"| {_f(row.get('specificity'))}{_ci(ci.get('specificity'))} |"
             )
+    if r.get("shortcuts"):
+        lines += [
+            "",
+            "Shortcut screen: how well each manifest column alone predicts the label "
+            "(`pneumonia data audit`):",
+            "",
+            "| column | kind | ROC-AUC | warning |",
+            "|---|---|---|---|",
+            *[
+                f"| {x['column']} | {x['kind']} | {_f(x['auc'])} | {'yes' if x['warning'] else ''} |"
+                for x in r["shortcuts"]
+            ],
+        ]
     lines.append("")
     lines += [f"- Warning: {w}" for w in r["warnings"]]
     return "\n".join(lines) + "\n"
@@ -1037,14 +1059,14 @@ def adapt_model(
     Raises:
         AdaptError: bad arguments or site data, naming the fix.
     """
-    from pneumonia import atomic
-    from pneumonia.predictor import ModelLoadError, Predictor, sha256_file, sidecar_card_path
+    from pneumonia.card import markdown_card_path, sidecar_card_path
+    from pneumonia.predictor import ModelLoadError, Predictor
 
     start = time.perf_counter()
     model, data, out = Path(model), Path(data), Path(out)
     if out.resolve() == model.resolve():
         raise AdaptError(f"--out {out} is the base model; write the site model to a new file")
-    written = [out, sidecar_card_path(out), out.with_suffix(".card.md")]
+    written = [out, sidecar_card_path(out), markdown_card_path(out)]
     if not force and (existing := [str(p) for p in written if p.exists()]):
         raise AdaptError(f"{', '.join(existing)} already exist(s); pass --force to replace")
     if min_sensitivity is not None and not 0.0 < min_sensitivity < 1.0:
@@ -1062,6 +1084,14 @@ def adapt_model(
     rule = "youden" if min_sensitivity is None else "min_sensitivity"
     site = site or read_site(data, predictor.spec, progress)
     warnings = check_site(site.y, site.groups)
+    for m in site.source.get("shortcuts", []):
+        if m["warning"]:
+            warnings.append(
+                f"the manifest column {m['column']!r} alone predicts the label (ROC-AUC "
+                f"{m['auc']:.2f}{', ' + m['direction'] if m['direction'] else ''}): the head can "
+                "learn such a shortcut from the films (a view, a marker) and the site figures "
+                "cannot tell; check the figures by that column"
+            )
     log.info("embedding %d site films with the base model", len(site.y))
     base_logits, features = embed(predictor, site.x)
     log.info("embedded in %.0f s; fitting the head", time.perf_counter() - start)
@@ -1102,31 +1132,25 @@ def adapt_model(
         )
     warnings += fit["calibration"]["warnings"]
     log.info("input check refitted at %.0f s; writing the model", time.perf_counter() - start)
-    raw = model.read_bytes()
+    raw = model.read_bytes()  # the base file is only read
     weights, bias = fit["head"].folded(features.shape[1])
     graph, heatmap = write_head(raw, weights, bias, head_dim)
     record = adaptation_record(
         predictor.card, predictor.sha256, site, fit, guard, heatmap, warnings, rule, min_sensitivity
     )
-    card = adapted_card(predictor.card, record, guard)
-    props = read_metadata(raw)  # every key the base carries (other checks too) travels along
-    props["model_card"] = json.dumps(card)
-    props[GUARD_METADATA_KEY] = json.dumps(guard.to_dict())
-    blob = with_metadata(graph, props)
+    card = adapted_card(predictor.card, record, guard, weights_digest(graph), predictor.sha256)
+    # Every metadata entry the base carries (other checks on its features too) travels along;
+    # the card and the input check are the site's.
+    _, props, _ = read_model_card(model)
+    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    extra[GUARD_METADATA_KEY] = json.dumps(guard.to_dict())
+    blob = with_metadata(graph, {CARD_METADATA_KEY: card.to_json(), **extra})
     out.parent.mkdir(parents=True, exist_ok=True)
     _verify(blob, out, fit["head"], features[:BATCH], site.x[:BATCH])
-    atomic.write_bytes(out, blob)
-    sha = sha256_file(out)
-    sidecar = {**card, "sha256": sha, "file": out.name, "bytes": out.stat().st_size}
-    atomic.write_text(sidecar_card_path(out), json.dumps(sidecar, indent=2) + "\n")
-    md = (
-        f"# Model card: {card['name']} {card['version']}, adapted to a site\n\n"
-        + render_adaptation_section(card)
-    )
-    atomic.write_text(out.with_suffix(".card.md"), md)
+    sidecar = write_model(out, graph, card, extra)
     seconds = time.perf_counter() - start
     log.info("adapted model written to %s in %.0f s", out, seconds)
-    return {**record, "out": str(out), "sha256": sha, "seconds": seconds}
+    return {**record, "out": str(out), "sha256": sidecar["sha256"], "seconds": seconds}
 
 
 def _verify(blob: bytes, out: Path, head: LinearHead, features: np.ndarray, x: np.ndarray) -> None:

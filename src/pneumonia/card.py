@@ -1159,6 +1159,10 @@ def render_markdown(
         from pneumonia.recalibrate import render_site_section
 
         lines += ["", render_site_section(card)]
+    if card.site_adaptation:
+        from pneumonia.adapt import render_adaptation_section
+
+        lines += ["", render_adaptation_section(card)]
     if card.versions:
         lines += ["## Versions", *[f"- {k}: {x}" for k, x in card.versions.items()], ""]
     return "\n".join(lines)
