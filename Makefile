@@ -21,7 +21,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship cards bench guard-bench load \
+.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship cards bench guard-bench site load \
 	container container-original clean
 
 $(BIN)/python:
@@ -112,6 +112,15 @@ cards: install-test
 guard-bench: install-test
 	$(BIN)/python benchmarks/bench_guard.py --model $(MODEL) --run $(RUN) --data $(DATA) \
 		--nonxray runs/nonradiographs --json runs/bench_guard.json
+
+# Fit the shipped model to the NIH site (../shared/data/nih_site) and measure it: the figures of
+# docs/site.md (cross-validated figures, learning curve, halves of the patients, 100 films, the
+# development non-radiographs). SITE=... for another labelled site folder.
+SITE ?= ../shared/data/nih_site
+site: install-test
+	test -d runs/nonradiographs-dev || $(BIN)/python benchmarks/nonradiographs.py --set dev --out runs/nonradiographs-dev
+	$(BIN)/python benchmarks/bench_site.py --model artifacts/model.onnx --data $(SITE) \
+		--nonxray runs/nonradiographs-dev --json runs/bench_site.json --keep runs/site/site.onnx
 
 # Serving speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md),
 # then batch-scoring throughput and memory by engine. Run on an idle machine.

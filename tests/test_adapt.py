@@ -49,8 +49,9 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _graph(extra_meta: dict[str, str]) -> bytes:
-    """The tiny base graph (no card yet): image -> logit, cam, embedding."""
+def _graph(extra_meta: dict[str, str], members: int = 1) -> bytes:
+    """The tiny base graph (no card yet): image -> logit, cam, embedding. With two members
+    the CAM is the mean of two maps (as an exported ensemble's is)."""
     from onnx import TensorProto, helper, numpy_helper
 
     k1 = np.zeros((HEAD_DIM, 1, 4, 4), np.float32)
@@ -71,12 +72,22 @@ def _graph(extra_meta: dict[str, str]) -> bytes:
         numpy_helper.from_array(k2, "k2"),
         numpy_helper.from_array(w_head, "w_head"),
         numpy_helper.from_array(np.array(-2.0, np.float32), "b_head"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
     ]
     nodes = [
         helper.make_node("Conv", ["image", "k1"], ["conv1"], strides=[4, 4]),
         helper.make_node("Relu", ["conv1"], ["fmap"]),
         helper.make_node("Einsum", ["fmap", "w_head"], ["cam0"], equation="nchw,c->nhw"),
-        helper.make_node("Add", ["cam0", "b_head"], ["cam"]),
+        *(
+            [
+                helper.make_node("Einsum", ["fmap", "w_head"], ["cam1"], equation="nchw,c->nhw"),
+                helper.make_node("Add", ["cam0", "cam1"], ["cam2"]),
+                helper.make_node("Mul", ["cam2", "half"], ["cam_m"]),
+            ]
+            if members == 2
+            else [helper.make_node("Identity", ["cam0"], ["cam_m"])]
+        ),
+        helper.make_node("Add", ["cam_m", "b_head"], ["cam"]),
         helper.make_node("ReduceMean", ["cam"], ["logit"], axes=[1, 2], keepdims=0),
         helper.make_node("ReduceMean", ["fmap"], ["pen"], axes=[2, 3], keepdims=0),
         helper.make_node("Conv", ["image", "k2"], ["conv2"], strides=[4, 4]),
@@ -109,13 +120,18 @@ def _graph(extra_meta: dict[str, str]) -> bytes:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base model with a card and an input check fitted on stripe-free films."""
+    return build_base(tmp_path_factory.mktemp("base") / "base.onnx")
+
+
+def build_base(out: Path, members: int = 1) -> Path:
+    """Write the tiny base model (``members`` as in :func:`_graph`) with its card and check."""
     from pneumonia.card import Calibration, ModelCard, ThresholdChoice, weights_digest, write_model
     from pneumonia.guard import fit_feature_guard
     from pneumonia.preprocess import PreprocessSpec, preprocess_bytes
     from pneumonia.shifts import SITE_SHIFTS, shifted_batches
 
     spec = PreprocessSpec(size=SIZE)
-    raw = _graph({})
+    raw = _graph({}, members)
     ort = pytest.importorskip("onnxruntime")
     sess = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
 
@@ -144,7 +160,6 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         weights_sha256=weights_digest(raw),
         input_check=guard.summary(),
     )
-    out = tmp_path_factory.mktemp("base") / "base.onnx"
     extra = {"frontal_check": '{"kept": true}', "input_guard": json.dumps(guard.to_dict())}
     write_model(out, raw, card, extra)
     return out
@@ -398,3 +413,24 @@ def test_a_manifest_with_text_or_numeric_labels_gives_the_same_site(
     ]
     assert main([*args, "--no-progress"]) == 2
     assert "label" in capsys.readouterr().err
+
+
+def test_without_a_reachable_feature_map_the_heatmap_is_blank_and_says_so(
+    site: Path, tmp_path: Path
+) -> None:
+    """A two-member base: its CAM averages two maps, so no single feature map carries the
+    penultimate features the head reads, and the card says there is no heatmap."""
+    from pneumonia.heatmap import class_map
+
+    base = build_base(tmp_path / "base2.onnx", members=2)
+    out = tmp_path / "site.onnx"
+    args = ["adapt", "--model", str(base), "--data", str(site), "--out", str(out)]
+    assert main([*args, "--bootstrap", "20", "--no-progress"]) == 0
+    p = Predictor(out, threads=1)
+    assert p.card.site_adaptation is not None
+    assert p.card.site_adaptation["heatmap"].startswith("none")
+    assert "heatmaps are blank" in p.card.outputs["cam"]
+    films = sorted(site.rglob("*.png"))[:4]
+    logits, cams, _ = p.run_all(np.stack([p.preprocess(f.read_bytes()) for f in films]))
+    assert cams.shape == (4, 1, 1) and np.allclose(cams[:, 0, 0], logits, atol=1e-5)
+    assert not class_map(cams[0], "PNEUMONIA").any()  # drawn as the film alone
