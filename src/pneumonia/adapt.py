@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumonia.calibration import calibrated_probability, fit_calibration
 from pneumonia.card import (
     CARD_METADATA_KEY,
     GUARD_METADATA_KEY,
@@ -44,6 +45,7 @@ from pneumonia.card import (
     ModelCard,
     ModelRef,
     ThresholdChoice,
+    pick_threshold,
     read_model_card,
     weights_digest,
     with_metadata,
@@ -220,9 +222,17 @@ def fit_logistic(
 
 
 def fit_heads(
-    x: np.ndarray, y: np.ndarray, specs: Sequence[HeadSpec], head_dim: int
+    x: np.ndarray, y: np.ndarray, specs: Sequence[HeadSpec], head_dim: int, scale: float = 1.0
 ) -> dict[HeadSpec, LinearHead]:
-    """Every candidate fitted on these films (one SVD per feature set)."""
+    """Every candidate fitted on these films (one SVD per feature set).
+
+    Args:
+        scale: Multiplies each candidate's C: (k - 1) / k when refitting on all the films of a
+            k-fold cross-validation, so that C times the number of films (the balance of the
+            data term against the penalty) is the one the candidate was judged and calibrated
+            at; with C as it is, the refitted head's logits come out larger than the
+            cross-validated ones its calibration was fitted on.
+    """
     dim = x.shape[1]
     out = {}
     for features in dict.fromkeys(s.features for s in specs):
@@ -230,7 +240,7 @@ def fit_heads(
         basis = _Basis(np.asarray(x[:, cols], dtype=np.float64))
         warm = None
         for spec in sorted((s for s in specs if s.features == features), key=lambda s: s.c):
-            w, b, warm = basis.fit(y.astype(np.float64), spec.c, warm)
+            w, b, warm = basis.fit(y.astype(np.float64), spec.c * scale, warm)
             out[spec] = LinearHead(spec, cols.start, cols.stop, basis.mean, basis.scale, w, b)
     return out
 
@@ -734,9 +744,23 @@ def fit_site(
     check_site(y, groups)
     fold = grouped_folds(y, groups, FOLDS, seed)
     specs = candidates(head_dim, x.shape[1])
-    best, cv_aucs = choose(cross_validated(x, y, fold, specs, head_dim), y)
+    cv = cross_validated(x, y, fold, specs, head_dim)
+    best, cv_aucs = choose(cv, y)
     oof, per_fold = nested_oof(x, y, groups, fold, specs, head_dim, seed)
-    head = fit_heads(x, y, [best], head_dim)[best]
+    head = fit_heads(x, y, [best], head_dim, scale=(FOLDS - 1) / FOLDS)[best]
+    # What the file carries is fitted on the chosen head's own out-of-fold scores (the nested
+    # ones mix heads of other C, whose logits spread differently); the figures stay nested.
+    temperature, bias = fit_calibration(cv[best], y)
+    pick = pick_threshold(
+        rule, y, calibrated_probability(cv[best], temperature, bias), min_sensitivity
+    )
+    fitted = {
+        "temperature": temperature,
+        "bias": bias,
+        "threshold": pick.threshold,
+        "bound_by": pick.bound_by,
+        "on": f"the out-of-fold scores of {best.name} ({FOLDS} patient-grouped folds)",
+    }
     calib = recalibrate_scores(
         oof,
         y,
@@ -759,6 +783,7 @@ def fit_site(
         "chosen": best,
         "chosen_per_outer_fold": per_fold,
         "calibration": calib,
+        "fitted": fitted,
         "base_auc": roc_auc(y, np.asarray(base_logits, dtype=np.float64)),
         "learning_curve": learning_curve(x, y, groups, fold, best, head_dim, seed) if curve else [],
         "subgroups": subgroup_figures(
@@ -844,7 +869,7 @@ def adaptation_record(
             **{k: calib["before"][k] for k in keep},
             "ci95": calib["before"]["ci95"],
         },
-        "fitted": {**calib["fitted"], "bound_by": calib["bound_by"]},
+        "fitted": fit["fitted"],
         "calibration_folds": calib["folds"],
         "learning_curve": {
             "how": (
