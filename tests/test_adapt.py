@@ -434,3 +434,15 @@ def test_without_a_reachable_feature_map_the_heatmap_is_blank_and_says_so(
     logits, cams, _ = p.run_all(np.stack([p.preprocess(f.read_bytes()) for f in films]))
     assert cams.shape == (4, 1, 1) and np.allclose(cams[:, 0, 0], logits, atol=1e-5)
     assert not class_map(cams[0], "PNEUMONIA").any()  # drawn as the film alone
+
+
+def test_a_head_on_mid_level_features_only_says_it_has_no_heatmap() -> None:
+    """Regression: a head reading only the mid-level statistics (the NIH site's choice) had a
+    'class activation map' statement over a map that is blank by construction."""
+    from pneumonia.adapt import write_head
+
+    weights = np.r_[np.zeros(HEAD_DIM), np.ones(6)]
+    _, heatmap = write_head(_graph({}), weights, 0.5, HEAD_DIM)
+    assert not heatmap["spatial"] and "mid-level" in heatmap["statement"]
+    _, heatmap = write_head(_graph({}), np.ones(HEAD_DIM + 6), 0.5, HEAD_DIM)
+    assert heatmap["spatial"] and heatmap["statement"].startswith("a class activation map")

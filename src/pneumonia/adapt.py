@@ -453,8 +453,9 @@ def write_head(
     the penultimate features are pooled from (the base model's CAM reads it through one
     ``Einsum`` with a vector of ``head_dim`` weights), ``cam`` is the new head's penultimate
     weights applied to that map, plus the rest of the logit (mid-level part and bias) spread
-    evenly, so that its spatial mean is the logit as before; else ``cam`` is the logit as a
-    1 x 1 map (no spatial information: heatmaps come out blank).
+    evenly, so that its spatial mean is the logit as before; else (no such map, or a head that
+    reads only the mid-level statistics) ``cam`` is the logit as a 1 x 1 map (no spatial
+    information: heatmaps come out blank).
 
     Returns:
         (the serialized model, a statement of what ``cam`` is for the card).
@@ -486,7 +487,8 @@ def write_head(
             w = numpy_helper.to_array(inits[node.input[1]])
             feature_map = node.input[0] if w.shape == (head_dim,) and feature_map is None else ""
         stack += list(node.input)
-    spatial = bool(feature_map)
+    reads_penultimate = bool(np.any(weights[:head_dim] != 0))
+    spatial = bool(feature_map) and reads_penultimate
 
     def const(name: str, value: np.ndarray) -> None:
         graph.initializer.append(numpy_helper.from_array(value, name))
@@ -526,10 +528,13 @@ def write_head(
     else:
         const("adapt/shape", np.array([-1, 1, 1], np.int64))
         add("Reshape", ["logit", "adapt/shape"], "cam")
-        statement = (
-            "none: the base graph does not expose the feature map its penultimate features are "
-            "pooled from, so 'cam' is the logit as a 1 x 1 map and heatmaps are blank"
+        why = (
+            "the head reads only the mid-level feature statistics, which keep no map of where"
+            if not reads_penultimate
+            else "the base graph does not expose the one feature map its penultimate features "
+            "are pooled from"
         )
+        statement = f"none: {why}; 'cam' is the logit as a 1 x 1 map and heatmaps are blank"
     emb = next(o for o in graph.output if o.name == EMBEDDING_OUTPUT)
     h: int | str = 1
     wd: int | str = 1
