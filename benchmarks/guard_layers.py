@@ -3,7 +3,7 @@
 For an EfficientNet-Lite0 run, pools every stage's output (channel means and standard
 deviations; the penultimate features as the head reads them) for training-split films, the
 validation films as they are and under every simulated shift of site
-(``stress.SITE_SHIFTS``), and the development set of non-radiographs
+(``pneumonia.shifts.SITE_SHIFTS``), and the development set of non-radiographs
 (``benchmarks/nonradiographs.py --set dev``, never the evaluation set). For each candidate
 feature set and number of principal directions it fits the check's PPCA on the training films
 and reports the refusal threshold the check's rule would set (the farthest validation film,

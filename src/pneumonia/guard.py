@@ -24,7 +24,7 @@ computes:
      network before it reads findings; photos, pages and screenshots are far from it while
      films from other sites stay near. Flag threshold as above; the refusal threshold is the
      largest distance any validation film reaches, as it is or under any of the simulated
-     shifts of site (:data:`pneumonia.training.stress.SITE_SHIFTS`: other aspect ratios,
+     shifts of site (:data:`pneumonia.shifts.SITE_SHIFTS`: other aspect ratios,
      exposure, blur, noise, borders, zoom, rotation, burned-in text, inversion).
 
    Both are fitted on the training split only, thresholds on the validation split only; the

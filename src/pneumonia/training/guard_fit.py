@@ -109,7 +109,7 @@ def fit_run_guard(
 
     Penultimate and mid-level statistics from the training-split films; flag thresholds from
     the validation films; the refusal threshold from the validation films as they are and
-    under every simulated shift of site (``stress.SITE_SHIFTS``).
+    under every simulated shift of site (``pneumonia.shifts.SITE_SHIFTS``).
     """
     import torch
 
