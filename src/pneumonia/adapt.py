@@ -15,8 +15,9 @@ module fits that head and writes one complete ONNX model for the site:
    standardisation folded into the weights; the heatmap (``cam``) becomes the new head's
    penultimate weights applied to the feature map before pooling, where the graph has it.
 4. Calibration (temperature and bias) and the operating point (Youden's J, or a sensitivity
-   floor) fitted on the cross-fitted site logits, with cross-fitted figures and patient-
-   bootstrap intervals (:func:`pneumonia.recalibrate.recalibrate_scores`).
+   floor) fitted on the chosen head's out-of-fold site logits; the figures cross-fitted on the
+   nested ones, with patient-bootstrap intervals
+   (:func:`pneumonia.recalibrate.recalibrate_scores`).
 5. The input check refitted on the site films, thresholds cross-fitted, the refusal distance
    from the films under the simulated site shifts (:func:`pneumonia.guard.fit_site_guard`).
 """
@@ -738,8 +739,9 @@ def fit_site(
     Returns:
         ``head`` (the :class:`LinearHead` fitted on all films), ``fold``, ``oof`` (nested
         out-of-fold logits), ``candidates``, ``chosen``, ``calibration`` (the cross-fitted
-        figures, :func:`pneumonia.recalibrate.recalibrate_scores`), ``base_auc``,
-        ``learning_curve``, ``subgroups``.
+        figures, :func:`pneumonia.recalibrate.recalibrate_scores`), ``fitted`` (the file's
+        temperature, bias and threshold, on the chosen head's out-of-fold scores),
+        ``base_auc``, ``learning_curve``, ``subgroups``.
     """
     if rule not in ADAPT_RULES:
         raise AdaptError(f"unknown operating-point rule {rule!r}; expected one of {ADAPT_RULES}")
