@@ -61,6 +61,16 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _ignore_headers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ignore-headers",
+        action="store_true",
+        help="do not let a DICOM header that names another body part (BodyPartExamined), a "
+        "lateral view (ViewPosition) or another modality refuse the file; the image is still "
+        "checked (docs/input_check.md)",
+    )
+
+
 def _load_predictor(path: Path | None) -> Predictor:
     from pneumonia.predictor import Predictor, default_model_path
 
@@ -257,6 +267,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             "model": predictor.identity(),
             "input_check": {
                 "feature_check": predictor.guard is not None,
+                "frontal_check": predictor.frontal is not None,
                 "colour_checked": False,
                 **{o: outcomes.count(o) for o in OUTCOMES},
             },
@@ -340,6 +351,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     predictor = _load_predictor(a.model)
     predictor.refuse = not a.flag_only
+    predictor.use_headers = not a.ignore_headers
     status = 0
     for path in a.images:
         try:
@@ -502,6 +514,7 @@ def cmd_score(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
             refuse=not a.flag_only,
             stop=stop,
+            use_headers=not a.ignore_headers,
         )
     except ScoreError as exc:
         print(f"pneumonia score: error: {exc}", file=sys.stderr)
@@ -825,8 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--flag-only",
         action="store_true",
-        help="answer images the input check finds are not chest X-rays (flagged) instead of refusing them",
+        help="answer images the input check finds are not (frontal) chest X-rays (flagged) "
+        "instead of refusing them",
     )
+    _ignore_headers_arg(r)
     r.set_defaults(func=cmd_predict)
 
     g = sub.add_parser("guard", help="the input check that refuses what is not a chest X-ray")
@@ -926,9 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument(
         "--flag-only",
         action="store_true",
-        help="score images the input check finds are not chest X-rays (input_check column "
-        "not_a_chest_xray) instead of making them error rows; resume with the same setting",
+        help="score images the input check finds are not (frontal) chest X-rays (input_check "
+        "column not_a_chest_xray or not_a_frontal_chest_xray) instead of making them error rows; "
+        "resume with the same setting",
     )
+    _ignore_headers_arg(sc)
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=cmd_score)
     rc = sub.add_parser(

@@ -34,8 +34,9 @@ computes:
 
 Outcomes: ``typical``; ``unlike_training`` (a radiograph unlike the training films: the
 answer is given, with a warning); ``not_a_chest_xray`` (refused with 422, or only flagged when
-the operator asks). It is a screen, not a guarantee: an unusual film can be refused and an odd
-image can pass.
+the operator asks); ``not_a_frontal_chest_xray`` (the same, decided by :mod:`pneumonia.frontal`
+for a radiograph of another body part, another modality or a lateral view). It is a screen,
+not a guarantee: an unusual film can be refused and an odd image can pass.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ EMBEDDING_OUTPUT = "embedding"
 TYPICAL = "typical"
 UNLIKE_TRAINING = "unlike_training"
 NOT_A_CHEST_XRAY = "not_a_chest_xray"
-OUTCOMES = (TYPICAL, UNLIKE_TRAINING, NOT_A_CHEST_XRAY)
+#: A radiograph (or image) that is not a frontal chest film: another body part, another
+#: modality, a lateral view (pneumonia.frontal decides it).
+NOT_A_FRONTAL_CHEST_XRAY = "not_a_frontal_chest_xray"
+OUTCOMES = (TYPICAL, UNLIKE_TRAINING, NOT_A_CHEST_XRAY, NOT_A_FRONTAL_CHEST_XRAY)
+#: The outcomes that are refused (422) unless the operator asks for flags only.
+REFUSED_OUTCOMES = (NOT_A_CHEST_XRAY, NOT_A_FRONTAL_CHEST_XRAY)
 
 #: More than this share of coloured pixels (see preprocess.COLOUR_SPREAD) is not a radiograph;
 #: a coloured marker or annotation on a film covers far less.
@@ -95,6 +101,16 @@ class NotAChestXrayError(ImageError):
     code = NOT_A_CHEST_XRAY
 
 
+class NotAFrontalChestXrayError(NotAChestXrayError):
+    """Refused by the frontal-chest check: another body part, modality or view.
+
+    A subclass, so that every path that handles the input check's refusals handles this one
+    the same way, with its own code.
+    """
+
+    code = NOT_A_FRONTAL_CHEST_XRAY
+
+
 @dataclass(frozen=True)
 class InputCheck:
     """One image's verdict.
@@ -124,6 +140,11 @@ class InputCheck:
                 "this radiograph is unlike the films the model was trained and validated on "
                 f"({'; '.join(self.reasons)}); its answer has not been validated for such films"
             )
+        if self.outcome == NOT_A_FRONTAL_CHEST_XRAY:
+            return (
+                f"this does not look like a frontal chest X-ray ({'; '.join(self.reasons)}); "
+                "send a frontal (PA or AP) chest radiograph"
+            )
         return (
             f"this does not look like a chest X-ray ({'; '.join(self.reasons)}); "
             "send a frontal chest radiograph as JPEG, PNG or DICOM"
@@ -137,7 +158,14 @@ class InputCheck:
             "message": self.message,
         }
 
+    @property
+    def refused(self) -> bool:
+        """Whether this outcome is refused when the operator has not asked for flags only."""
+        return self.outcome in REFUSED_OUTCOMES
+
     def error(self) -> NotAChestXrayError:
+        if self.outcome == NOT_A_FRONTAL_CHEST_XRAY:
+            return NotAFrontalChestXrayError(self.message)
         return NotAChestXrayError(self.message)
 
 

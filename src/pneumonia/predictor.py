@@ -23,9 +23,15 @@ from pneumonia.card import (
     file_digests,
     sidecar_card_path,
 )
+from pneumonia.frontal import (
+    FRONTAL_METADATA_KEY,
+    FrontalCheck,
+    FrontalVerdict,
+    combine,
+    header_reasons,
+)
 from pneumonia.guard import (
     EMBEDDING_OUTPUT,
-    NOT_A_CHEST_XRAY,
     FeatureGuard,
     InputCheck,
     NotAChestXrayError,
@@ -149,17 +155,28 @@ class Predictor:
     Args:
         path: The ``.onnx`` file written by ``pneumonia export``.
         threads: onnxruntime intra-op threads; default: the CPUs the cgroup quota allows.
-        refuse: Refuse what the input check finds is not a chest X-ray
-            (:class:`~pneumonia.guard.NotAChestXrayError`); if False, answer it with
-            ``check.outcome == "not_a_chest_xray"`` (flag only).
+        refuse: Refuse what the input check finds is not a (frontal) chest X-ray
+            (:class:`~pneumonia.guard.NotAChestXrayError` or its subclass
+            ``NotAFrontalChestXrayError``); if False, answer it with ``check.outcome`` saying
+            so (flag only).
+        use_headers: Let a DICOM header that names another body part, a lateral view or
+            another modality refuse the file (:func:`pneumonia.frontal.header_reasons`);
+            False ignores headers.
 
     Raises:
         ModelLoadError: missing, unreadable or incomplete model file, naming what is wrong.
     """
 
-    def __init__(self, path: Path | str, threads: int | None = None, refuse: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        threads: int | None = None,
+        refuse: bool = True,
+        use_headers: bool = True,
+    ) -> None:
         ort = import_onnxruntime()
         self.refuse = refuse
+        self.use_headers = use_headers
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -254,6 +271,7 @@ class Predictor:
         self.temperature = card.temperature
         self.bias = card.bias
         self.guard = self._load_guard(meta)
+        self.frontal = self._load_frontal(meta)
 
     def _load_guard(self, meta: dict[str, str]) -> FeatureGuard | None:
         """The fitted feature statistics, or None (then only the image checks run)."""
@@ -278,6 +296,30 @@ class Predictor:
                 f"model {self.path} gives {width} features but its input check was fitted on {guard.dim}"
             )
         return guard
+
+    def _load_frontal(self, meta: dict[str, str]) -> FrontalCheck | None:
+        """The fitted frontal-chest head, or None (then only DICOM headers say it)."""
+        if FRONTAL_METADATA_KEY not in meta:
+            log.info(
+                "model %s carries no frontal-chest check; only DICOM headers can refuse another "
+                "body part or view (fit one with benchmarks/frontal_fit.py --write)",
+                self.path.name,
+            )
+            return None
+        if EMBEDDING_OUTPUT not in self.output_names:
+            raise ModelLoadError(
+                f"model {self.path} carries a frontal-chest check but no '{EMBEDDING_OUTPUT}' output"
+            )
+        try:
+            check = FrontalCheck.from_json(meta[FRONTAL_METADATA_KEY])
+        except ValueError as exc:
+            raise ModelLoadError(f"model {self.path}: {exc}") from None
+        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
+        if isinstance(width, int) and width != check.dim:
+            raise ModelLoadError(
+                f"model {self.path} gives {width} features but its frontal-chest check reads {check.dim}"
+            )
+        return check
 
     @property
     def name(self) -> str:
@@ -329,8 +371,16 @@ class Predictor:
         st = list(stats) if stats is not None else [None] * len(batch)
         reasons = [image_reasons(x, s) for x, s in zip(batch, st, strict=True)]
         if self.guard is None or features is None:
-            return [image_only_check(r) for r in reasons]
-        return self.guard.check(features, reasons)
+            base = [image_only_check(r) for r in reasons]
+        else:
+            base = self.guard.check(features, reasons)
+        verdicts: list[FrontalVerdict | None] = [None] * len(batch)
+        if self.frontal is not None and features is not None:
+            verdicts = list(self.frontal.verdicts(features))
+        return [
+            combine(b, v, self.frontal, header_reasons(s) if self.use_headers else ())
+            for b, v, s in zip(base, verdicts, st, strict=True)
+        ]
 
     def probabilities(self, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Calibrated P(PNEUMONIA) for a preprocessed batch."""
@@ -377,7 +427,7 @@ class Predictor:
 
     def refusal(self, pred: Prediction) -> NotAChestXrayError | None:
         """The error to answer instead of ``pred``, if the check refuses its image."""
-        if self.refuse and pred.check is not None and pred.check.outcome == NOT_A_CHEST_XRAY:
+        if self.refuse and pred.check is not None and pred.check.refused:
             return pred.check.error()
         return None
 

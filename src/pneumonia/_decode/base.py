@@ -43,9 +43,42 @@ class DecodeStats:
         colour_fraction: Share of sampled pixels whose R, G, B spread over more than
             ``COLOUR_SPREAD`` of 255; 0.0 for a gray image. None when the colour was not
             decoded (a JPEG coded as RGB rather than YCbCr, which libjpeg gives as gray).
+        header: What a DICOM header says about the exam; None for other formats.
     """
 
     colour_fraction: float | None
+    header: HeaderFacts | None = None
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What a DICOM header says about the exam, for the frontal-chest check
+    (pneumonia.frontal): each value upper-cased and stripped, None when absent or empty.
+
+    Attributes:
+        body_part: ``BodyPartExamined`` (0018,0015), e.g. ``CHEST``, ``KNEE``.
+        view_position: ``ViewPosition`` (0018,5101), e.g. ``PA``, ``AP``, ``LL``.
+        modality: ``Modality`` (0008,0060), e.g. ``CR``, ``DX``, ``CT``.
+    """
+
+    body_part: str | None = None
+    view_position: str | None = None
+    modality: str | None = None
+
+    @classmethod
+    def read(cls, get: Callable[[str], object]) -> HeaderFacts:
+        """From a lookup of a dataset's keywords (``ds.get``); a value that is not text,
+        or that fails to convert, counts as absent."""
+
+        def one(keyword: str) -> str | None:
+            try:
+                value = get(keyword)
+                text = str(value).strip().upper() if isinstance(value, str) else None
+            except Exception:  # a corrupt element raises on first access
+                return None
+            return (text[:64] or None) if text is not None else None
+
+        return cls(one("BodyPartExamined"), one("ViewPosition"), one("Modality"))
 
 
 def _sample_step(arr: np.ndarray) -> int:
@@ -59,6 +92,8 @@ class ColourTally:
         self.coloured = 0
         self.seen = 0
         self.undecoded = False
+        #: Set by the DICOM decoder: the header's word on the exam.
+        self.header: HeaderFacts | None = None
 
     def add_rgb(self, rgb: np.ndarray, full_scale: float = 255.0) -> None:
         """Sample an (h, w, >=3) array of R, G, B values in [0, full_scale]."""
@@ -81,8 +116,9 @@ class ColourTally:
 
     def stats(self) -> DecodeStats:
         if self.undecoded:
-            return DecodeStats(colour_fraction=None)
-        return DecodeStats(colour_fraction=self.coloured / self.seen if self.seen else 0.0)
+            return DecodeStats(colour_fraction=None, header=self.header)
+        colour = self.coloured / self.seen if self.seen else 0.0
+        return DecodeStats(colour_fraction=colour, header=self.header)
 
 
 class ImageError(ValueError):

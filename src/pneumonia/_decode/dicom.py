@@ -18,6 +18,7 @@ from pneumonia._decode.base import (
     ColourTally,
     CorruptImageError,
     DecompressionBombError,
+    HeaderFacts,
     ImageError,
     UndecodableImageError,
     UnsupportedTransferSyntaxError,
@@ -298,6 +299,8 @@ def decode(data: bytes, draft_size: int | None, tally: ColourTally | None = None
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if tally is not None:
+            tally.header = HeaderFacts.read(ds.get)
     except ImageError:
         raise
     except zlib.error:

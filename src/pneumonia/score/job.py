@@ -30,7 +30,7 @@ class ScoreSummary:
         resumed: Images found already scored in OUT or its parts.
         seconds: Time spent scoring in this run.
         input_check: Rows per input check outcome (``typical``, ``unlike_training``,
-            ``not_a_chest_xray``).
+            ``not_a_chest_xray``, ``not_a_frontal_chest_xray``).
     """
 
     out: Path
@@ -73,6 +73,7 @@ def score_archive(
     progress: bool = False,
     refuse: bool = True,
     stop: threading.Event | None = None,
+    use_headers: bool = True,
 ) -> ScoreSummary:
     """Score every image of ``source`` into ``out``, resuming whatever an earlier run left.
 
@@ -87,11 +88,13 @@ def score_archive(
         part_rows: Rows per saved part (at most this many are lost on a hard kill).
         address: Ray cluster address (``ray`` engine only); default: a local Ray instance.
         progress: Draw a progress bar with images/s and time left.
-        refuse: Images the input check finds are not chest X-rays become error rows
-            (``not_a_chest_xray``); False scores them, flagged in ``input_check`` (use the same
-            setting when resuming a job).
+        refuse: Images the input check finds are not (frontal) chest X-rays become error
+            rows (``not_a_chest_xray``, ``not_a_frontal_chest_xray``); False scores them,
+            flagged in ``input_check`` (use the same setting when resuming a job).
         stop: Set (by a signal handler) to stop after the batch in hand: raises
             ``KeyboardInterrupt`` there, with every finished row saved.
+        use_headers: Let a DICOM header naming another body part, view or modality refuse
+            the file (pneumonia.frontal); False ignores headers.
 
     Raises:
         ScoreError: bad arguments, an output of another model or input kind, a missing
@@ -104,7 +107,7 @@ def score_archive(
         raise ScoreError("--address only applies to --engine ray")
     if batch_size < 1 or (workers is not None and workers < 1):
         raise ScoreError(f"batch size and workers must be >= 1, got {batch_size} and {workers}")
-    predictor = Predictor(model_path, threads=1, refuse=refuse)
+    predictor = Predictor(model_path, threads=1, refuse=refuse, use_headers=use_headers)
     with ScoreOutput(Path(out), source.key_name, predictor.sha256, part_rows=part_rows) as output:
         done = output.done
         resumed = len(done)

@@ -30,18 +30,20 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 # Process pools carry per-worker state only through module scope: this cache holds the one
 # Predictor of a worker process, loaded by the pool initializer.
 @functools.cache
-def _worker_predictor(model_path: str, refuse: bool) -> Predictor:
-    return Predictor(model_path, threads=1, refuse=refuse)
+def _worker_predictor(model_path: str, refuse: bool, use_headers: bool) -> Predictor:
+    return Predictor(model_path, threads=1, refuse=refuse, use_headers=use_headers)
 
 
-def _init_worker(model_path: str, refuse: bool) -> None:
+def _init_worker(model_path: str, refuse: bool, use_headers: bool) -> None:
     # Ctrl-C reaches the whole process group; only the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_predictor(model_path, refuse)
+    _worker_predictor(model_path, refuse, use_headers)
 
 
-def _score_batch(model_path: str, refuse: bool, batch: list[Item]) -> list[ScoreRow]:
-    return score_items(_worker_predictor(model_path, refuse), batch)
+def _score_batch(
+    model_path: str, refuse: bool, use_headers: bool, batch: list[Item]
+) -> list[ScoreRow]:
+    return score_items(_worker_predictor(model_path, refuse, use_headers), batch)
 
 
 def iter_local(
@@ -58,7 +60,7 @@ def iter_local(
         items: What to score (read lazily).
         model_path: The model each worker loads.
         predictor: An already loaded model, used when ``workers == 1`` (no pool); workers
-            load theirs with its ``refuse`` setting.
+            load theirs with its ``refuse`` and ``use_headers`` settings.
         workers: Worker processes; 1 scores in this process.
         batch_size: Images per inference batch.
 
@@ -74,12 +76,16 @@ def iter_local(
         max_workers=workers,
         mp_context=get_context("spawn"),  # no fork of a process holding onnxruntime threads
         initializer=_init_worker,
-        initargs=(str(model_path), predictor.refuse),
+        initargs=(str(model_path), predictor.refuse, predictor.use_headers),
     )
     pending: deque[Future[list[ScoreRow]]] = deque()
     try:
         for batch in batches:
-            pending.append(pool.submit(_score_batch, str(model_path), predictor.refuse, batch))
+            pending.append(
+                pool.submit(
+                    _score_batch, str(model_path), predictor.refuse, predictor.use_headers, batch
+                )
+            )
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:

@@ -61,8 +61,9 @@ class RayScorer:
         bytes_column: str,
         skip: frozenset[str],
         refuse: bool = True,
+        use_headers: bool = True,
     ) -> None:
-        self.predictor = Predictor(model_path, threads=1, refuse=refuse)
+        self.predictor = Predictor(model_path, threads=1, refuse=refuse, use_headers=use_headers)
         self.key_column = key_column
         self.bytes_column = bytes_column
         self.skip = skip
@@ -92,7 +93,7 @@ def iter_ray(
         source: What to score.
         model_path: The model every actor loads.
         predictor: The driver's model, for files Ray cannot read; actors load theirs with
-            its ``refuse`` setting.
+            its ``refuse`` and ``use_headers`` settings.
         skip: Keys already in the output.
         workers: Predictor actors (one CPU each); default: the CPUs of this machine, or
             those of the cluster less one.
@@ -146,6 +147,7 @@ def iter_ray(
                     source.bytes_column,
                     skip,
                     predictor.refuse,
+                    predictor.use_headers,
                 ),
                 **map_kw,
             )
@@ -172,6 +174,7 @@ def iter_ray(
                     "bytes",
                     frozenset(),
                     predictor.refuse,
+                    predictor.use_headers,
                 ),
                 **map_kw,
             )

@@ -49,8 +49,8 @@ class ScoreRow(NamedTuple):
 
     ``input_check`` is the input check's outcome (pneumonia.guard): ``typical``,
     ``unlike_training`` (scored, but unlike the films the model was validated on) or
-    ``not_a_chest_xray`` (an error row, or scored and flagged with ``--flag-only``); empty for
-    files that could not be read or decoded."""
+    ``not_a_chest_xray`` or ``not_a_frontal_chest_xray`` (an error row, or scored and flagged
+    with ``--flag-only``); empty for files that could not be read or decoded."""
 
     key: str
     sha256: str | None

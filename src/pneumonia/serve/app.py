@@ -54,6 +54,7 @@ def load_predictor(settings: Settings) -> Predictor:
         settings.model_path,
         threads=settings.inference_threads,
         refuse=settings.input_check == "refuse",
+        use_headers=settings.input_check_headers == "use",
     )
 
 

@@ -124,6 +124,17 @@ ERRORS: dict[str, ErrorCode] = {
             "([input_check.md](input_check.md))",
         ),
         ErrorCode(
+            "not_a_frontal_chest_xray",
+            422,
+            "the frontal-chest check found a radiograph or medical image that is not a frontal "
+            "chest film: another body part, another modality (CT, MRI, ultrasound, "
+            "mammography) or a lateral chest view, by its image or by its DICOM header "
+            "(BodyPartExamined, ViewPosition, Modality); the message names what it looks like. "
+            "`INPUT_CHECK=flag` answers such images instead, flagged; "
+            "`INPUT_CHECK_HEADERS=ignore` stops headers from refusing "
+            "([input_check.md](input_check.md))",
+        ),
+        ErrorCode(
             "invalid_image",
             422,
             "an image that cannot become model input for a reason not above (none today)",

@@ -121,8 +121,9 @@ class Metrics:
         )
         self._input_checks = Counter(
             "pneumonia_input_check",
-            "Images by input-check outcome (typical, unlike_training, not_a_chest_xray) and "
-            "action (answered, or refused with 422 not_a_chest_xray).",
+            "Images by input-check outcome (typical, unlike_training, not_a_chest_xray, "
+            "not_a_frontal_chest_xray) and action (answered, or refused with 422 and the "
+            "outcome as its code).",
             ("outcome", "action"),
             registry=r,
         )

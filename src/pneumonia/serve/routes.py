@@ -68,6 +68,7 @@ _IMAGE_CODES = (
     "image_too_small",
     "decompression_bomb",
     "not_a_chest_xray",
+    "not_a_frontal_chest_xray",
 )
 # A batch answers 200 with each bad image's error in its entry, so image codes are /predict's.
 PREDICT_CODES = (*_UPLOAD_CODES, *_IMAGE_CODES)

@@ -42,11 +42,14 @@ class ModelIdentity(BaseModel):
 class InputCheckResult(BaseModel):
     """What the input check made of the image (docs/input_check.md)."""
 
-    outcome: Literal["typical", "unlike_training", "not_a_chest_xray"] = Field(
+    outcome: Literal[
+        "typical", "unlike_training", "not_a_chest_xray", "not_a_frontal_chest_xray"
+    ] = Field(
         description="`typical`: like the training films; `unlike_training`: a radiograph unlike "
         "the films the model was trained and validated on (the answer is given, unvalidated for "
-        "such films); `not_a_chest_xray`: only when the service runs with INPUT_CHECK=flag "
-        "(otherwise such images get 422 `not_a_chest_xray`)."
+        "such films); `not_a_chest_xray` and `not_a_frontal_chest_xray` (another body part, "
+        "another modality, a lateral view): only when the service runs with INPUT_CHECK=flag "
+        "(otherwise such images get 422 with that code)."
     )
     score: float | None = Field(
         default=None,

@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         log_level: Level of the JSON logs.
         input_check: ``refuse``: answer 422 ``not_a_chest_xray`` for what the input check finds
             is not a chest X-ray; ``flag``: answer it anyway, with
-            ``input_check.outcome == "not_a_chest_xray"`` (docs/input_check.md).
+            ``input_check.outcome == "not_a_chest_xray"`` (docs/input_check.md). The same
+            holds for ``not_a_frontal_chest_xray`` (another body part, modality or view).
+        input_check_headers: ``use``: a DICOM header naming another body part
+            (BodyPartExamined), a lateral view (ViewPosition) or another modality refuses the
+            file as ``not_a_frontal_chest_xray``; ``ignore``: headers are not read for it.
     """
 
     model_config = SettingsConfigDict(
@@ -67,6 +71,7 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(default=20.0, ge=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     input_check: Literal["refuse", "flag"] = "refuse"
+    input_check_headers: Literal["use", "ignore"] = "use"
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -79,7 +84,7 @@ class Settings(BaseSettings):
     def _upper_level(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
-    @field_validator("input_check", mode="before")
+    @field_validator("input_check", "input_check_headers", mode="before")
     @classmethod
     def _lower_check(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v
