@@ -21,7 +21,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship cards bench guard-bench site load \
+.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship cards bench guard-bench site frontal-fit load \
 	container container-original clean
 
 $(BIN)/python:
@@ -121,6 +121,20 @@ site: install-test
 	test -d runs/nonradiographs-dev || $(BIN)/python benchmarks/nonradiographs.py --set dev --out runs/nonradiographs-dev
 	$(BIN)/python benchmarks/bench_site.py --model artifacts/model.onnx --data $(SITE) \
 		--nonxray runs/nonradiographs-dev --json runs/bench_site.json --keep runs/site/site.onnx
+
+# The frontal-chest check (docs/input_check.md#the-frontal-chest-check): embed the development
+# sets with MODEL, cross-validate, leave each group out, and write the head into MODEL (its
+# graph and weights untouched). Needs ../shared/data (chest_xray/train, nih_site, not_frontal_chest).
+FRONTAL_FEATURES ?= runs/frontal-features
+frontal-fit: install-test
+	$(BIN)/python benchmarks/nonradiographs.py --set dev --out runs/nonradiographs-dev
+	$(BIN)/python benchmarks/frontal_features.py --model $(MODEL) --data $(DATA) \
+		--nih ../shared/data/nih_site --not-frontal ../shared/data/not_frontal_chest \
+		--nonxray runs/nonradiographs-dev --out $(FRONTAL_FEATURES)
+	$(BIN)/python benchmarks/frontal_fit.py --features $(FRONTAL_FEATURES) \
+		--json runs/frontal_cv.json --write $(MODEL)
+	$(BIN)/python benchmarks/bench_frontal.py --model $(MODEL) \
+		--images ../shared/data/not_frontal_chest runs/nonradiographs-dev --json runs/bench_frontal.json
 
 # Serving speed and memory against the re-created original TensorFlow stack (docs/benchmarks.md),
 # then batch-scoring throughput and memory by engine. Run on an idle machine.
