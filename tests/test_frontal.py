@@ -22,10 +22,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from benchmarks.common import dicom_bytes
 from conftest import encode, synthetic_xray
+from pneumonia.card import FRONTAL_METADATA_KEY, file_digests
 from pneumonia.frontal import (
     CLASSES,
     FRONTAL_CHEST,
-    FRONTAL_METADATA_KEY,
     LATERAL_CHEST,
     NOT_A_RADIOGRAPH,
     OTHER_BODY_PART,
@@ -305,6 +305,9 @@ def test_the_check_round_trips_through_the_model_file_untouched_otherwise(
     assert p.frontal is not None and p.frontal.dim == _features(p, [lateral(1)]).shape[1]
     before, after = onnx.load(str(tiny_model)), onnx.load(str(frontal_model))
     assert before.graph.SerializeToString() == after.graph.SerializeToString()
+    digests = file_digests(tiny_model), file_digests(frontal_model)
+    assert digests[0].weights_sha256 == digests[1].weights_sha256
+    assert digests[0].sha256 != digests[1].sha256
     meta = {e.key: e.value for e in after.metadata_props}
     assert {e.key: e.value for e in before.metadata_props}.items() <= meta.items()
     stored = FrontalCheck.from_json(meta[FRONTAL_METADATA_KEY])

@@ -41,6 +41,9 @@ SCHEMA_VERSION = 2
 CARD_METADATA_KEY = "model_card"
 #: Key of the fitted input check (pneumonia.guard.FeatureGuard.to_dict) in the same place.
 GUARD_METADATA_KEY = "input_guard"
+#: Key of the frontal-chest check (pneumonia.frontal.FrontalCheck.to_dict) in the same place:
+#: an entry of its own, which a card rewrite or a site model carries over untouched.
+FRONTAL_METADATA_KEY = "frontal_check"
 #: The sidecar's extra fields: the identity of the file it describes.
 FILE_FIELDS = ("sha256", "file", "bytes")
 

@@ -37,6 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from pneumonia.card import (
+    CARD_METADATA_KEY,
+    FRONTAL_METADATA_KEY,
+    read_model_card,
+    write_model,
+)
 from pneumonia.guard import (
     EMBEDDING_OUTPUT,
     NOT_A_CHEST_XRAY,
@@ -48,9 +54,6 @@ from pneumonia.guard import (
 )
 from pneumonia.preprocess import DecodeStats
 
-#: Key of the fitted head inside the ONNX file's metadata_props; a key of its own, so that a
-#: tool that rewrites the model card (or builds a site model) carries it over untouched.
-FRONTAL_METADATA_KEY = "frontal_check"
 FORMAT_VERSION = 1
 
 FRONTAL_CHEST = "frontal_chest"
@@ -399,38 +402,22 @@ def combine(
 
 def write_frontal_check(model_path: Path, check: FrontalCheck) -> None:
     """Store ``check`` in the model file's metadata (key :data:`FRONTAL_METADATA_KEY`),
-    replacing any earlier one; the graph, its weights and every other metadata entry are left
-    as they are. A sidecar card (``model.card.json``) gets the file's new sha256 and size.
-
-    Needs the ``onnx`` package (the ``train`` extra).
+    replacing any earlier one, through :func:`pneumonia.card.write_model`: the graph, its
+    weights (their digest), the card and every other metadata entry are kept byte for byte;
+    the sidecar and Markdown cards are rewritten for the new file (re-render a Markdown card
+    that showed evaluation reports with ``pneumonia card``).
 
     Raises:
         ValueError: the model's ``embedding`` output is not as wide as ``check`` reads.
+        pneumonia.card.CardError: the file carries no valid model card.
     """
-    import onnx
+    from pneumonia.predictor import Predictor
 
-    from pneumonia import atomic
-    from pneumonia.predictor import sha256_file, sidecar_card_path
-
-    proto = onnx.load(str(model_path))
-    widths = [
-        d.dim_value
-        for o in proto.graph.output
-        if o.name == EMBEDDING_OUTPUT
-        for d in o.type.tensor_type.shape.dim[1:]
-    ]
-    if widths != [check.dim]:
+    width = Predictor(model_path, threads=1).embedding_width
+    if width != check.dim:
         raise ValueError(
-            f"{model_path} gives '{EMBEDDING_OUTPUT}' of width {widths}, the check reads {check.dim}"
+            f"{model_path} gives '{EMBEDDING_OUTPUT}' of width {width}, the check reads {check.dim}"
         )
-    kept = [(e.key, e.value) for e in proto.metadata_props if e.key != FRONTAL_METADATA_KEY]
-    del proto.metadata_props[:]
-    for key, value in [*kept, (FRONTAL_METADATA_KEY, check.to_json())]:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    atomic.write_bytes(model_path, proto.SerializeToString())
-    sidecar = sidecar_card_path(model_path)
-    if sidecar.is_file():
-        card = json.loads(sidecar.read_text())
-        card.update(sha256=sha256_file(model_path), bytes=model_path.stat().st_size)
-        atomic.write_text(sidecar, json.dumps(card, indent=2) + "\n")
+    card, props, raw = read_model_card(model_path)
+    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    write_model(model_path, raw, card, {**extra, FRONTAL_METADATA_KEY: check.to_json()})

@@ -17,6 +17,7 @@ import numpy as np
 from pneumonia.calibration import calibrated_probability
 from pneumonia.card import (
     CARD_METADATA_KEY,
+    FRONTAL_METADATA_KEY,
     GUARD_METADATA_KEY,
     CardError,
     ModelCard,
@@ -24,7 +25,6 @@ from pneumonia.card import (
     sidecar_card_path,
 )
 from pneumonia.frontal import (
-    FRONTAL_METADATA_KEY,
     FrontalCheck,
     FrontalVerdict,
     combine,
@@ -290,12 +290,20 @@ class Predictor:
             guard = FeatureGuard.from_dict(json.loads(meta[GUARD_METADATA_KEY]))
         except ValueError as exc:
             raise ModelLoadError(f"model {self.path}: {exc}") from None
-        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
-        if isinstance(width, int) and width != guard.dim:
+        width = self.embedding_width
+        if width is not None and width != guard.dim:
             raise ModelLoadError(
                 f"model {self.path} gives {width} features but its input check was fitted on {guard.dim}"
             )
         return guard
+
+    @property
+    def embedding_width(self) -> int | None:
+        """Width of the ``embedding`` output (None: no such output, or a symbolic width)."""
+        if EMBEDDING_OUTPUT not in self.output_names:
+            return None
+        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
+        return width if isinstance(width, int) else None
 
     def _load_frontal(self, meta: dict[str, str]) -> FrontalCheck | None:
         """The fitted frontal-chest head, or None (then only DICOM headers say it)."""
@@ -314,8 +322,8 @@ class Predictor:
             check = FrontalCheck.from_json(meta[FRONTAL_METADATA_KEY])
         except ValueError as exc:
             raise ModelLoadError(f"model {self.path}: {exc}") from None
-        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
-        if isinstance(width, int) and width != check.dim:
+        width = self.embedding_width
+        if width is not None and width != check.dim:
             raise ModelLoadError(
                 f"model {self.path} gives {width} features but its frontal-chest check reads {check.dim}"
             )
