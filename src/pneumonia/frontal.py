@@ -299,10 +299,13 @@ def fit_softmax(
     w = w / w.sum()
     mean = x.mean(axis=0)
     scale = np.maximum(x.std(axis=0), 1e-6)
-    xs = (x - mean) / scale
-    onehot = np.eye(n_classes)[np.asarray(y, dtype=np.int64)]
-    wt = np.zeros((n_classes, xs.shape[1]))
-    b = np.zeros(n_classes)
+    # float32 products: each step reads the whole matrix twice, and the loss is flat long
+    # before float32 rounding matters.
+    xs = ((x - mean) / scale).astype(np.float32)
+    onehot = np.eye(n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+    w = w.astype(np.float32)
+    wt = np.zeros((n_classes, xs.shape[1]), np.float32)
+    b = np.zeros(n_classes, np.float32)
     m_w, v_w, m_b, v_b = (np.zeros_like(wt), np.zeros_like(wt), np.zeros_like(b), np.zeros_like(b))
     lr, beta1, beta2, eps = 0.05, 0.9, 0.999, 1e-8
     for t in range(1, iterations + 1):
