@@ -490,3 +490,25 @@ def test_score_predict_and_evaluate_count_the_new_outcome(
     assert main(args) == 0
     counts = json.loads(report.read_text())["input_check"]
     assert counts[NOT_A_FRONTAL_CHEST_XRAY] == 1 and counts["frontal_check"] is True
+
+
+def test_the_api_schema_lists_every_outcome() -> None:
+    from typing import get_args
+
+    from pneumonia.guard import OUTCOMES
+    from pneumonia.serve.schemas import InputCheckResult
+
+    assert set(get_args(InputCheckResult.model_fields["outcome"].annotation)) == set(OUTCOMES)
+
+
+NOT_FRONTAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "not_frontal_chest"
+
+
+@pytest.mark.skipif(not NOT_FRONTAL.is_dir(), reason="needs ../shared/data/not_frontal_chest")
+def test_the_shipped_model_carries_the_check_and_refuses_a_knee_and_a_lateral_view() -> None:
+    p = Predictor(Path(__file__).resolve().parents[1] / "artifacts" / "model.onnx")
+    assert p.frontal is not None and p.frontal.refuse_logit < p.frontal.flag_logit
+    for group, words in (("knee", "another body part"), ("lateral_chest", "lateral chest view")):
+        image = sorted((NOT_FRONTAL / group).iterdir())[0]
+        with pytest.raises(NotAFrontalChestXrayError, match=words):
+            p.predict_bytes(image.read_bytes())
