@@ -16,6 +16,7 @@ import json
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,9 +161,32 @@ def build_base(out: Path, members: int = 1) -> Path:
         weights_sha256=weights_digest(raw),
         input_check=guard.summary(),
     )
-    extra = {"frontal_check": '{"kept": true}', "input_guard": json.dumps(guard.to_dict())}
+    extra = {
+        "frontal_check": _frontal_check(emb, films).to_json(),
+        "input_guard": json.dumps(guard.to_dict()),
+    }
     write_model(out, raw, card, extra)
     return out
+
+
+def _lateral(seed: int) -> np.ndarray:
+    """A stand-in for a lateral view: a striped film turned a quarter (horizontal stripes)."""
+    return np.ascontiguousarray(_film(0, seed, True).T)
+
+
+def _frontal_check(emb: Any, films: np.ndarray) -> Any:
+    """A frontal-chest check on the base's features: films with and without vertical stripes
+    are frontal, films with horizontal stripes lateral views."""
+    from pneumonia.frontal import CLASSES, LATERAL_CHEST, fit_frontal_check
+    from pneumonia.preprocess import PreprocessSpec, preprocess_bytes
+
+    spec = PreprocessSpec(size=SIZE)
+    striped = [preprocess_bytes(_png(_film(i % 2, 700 + i, True)), spec) for i in range(30)]
+    lateral = [preprocess_bytes(_png(_lateral(800 + i)), spec) for i in range(30)]
+    f = np.concatenate([emb(films[:60]), emb(np.stack(striped)), emb(np.stack(lateral))])
+    y = [0] * 90 + [CLASSES.index(LATERAL_CHEST)] * 30
+    groups = ["plain"] * 60 + ["striped"] * 30 + ["lateral"] * 30
+    return fit_frontal_check(f, y, groups, refuse_logit=0.0, flag_logit=0.0, iterations=300)
 
 
 def make_site(folder: Path, n_per_class: int = 30, seed: int = 7) -> Path:
@@ -219,7 +243,8 @@ def test_the_adapted_file_round_trips_with_a_heatmap_of_the_new_head(
     out, report = adapted
     p = Predictor(out, threads=1)
     meta = read_metadata(out.read_bytes())
-    assert meta["frontal_check"] == '{"kept": true}'  # keys adapt does not own travel along
+    # Keys adapt does not own travel along, the frontal-chest check among them.
+    assert meta["frontal_check"] == read_metadata(base_model.read_bytes())["frontal_check"]
     assert p.card.site_adaptation is not None
     assert p.card.site_adaptation["fitted"]["threshold"] == p.threshold
     films = sorted(site.rglob("*.png"))
@@ -278,6 +303,23 @@ def test_the_adapted_model_serves(adapted: tuple[Path, dict], site: Path) -> Non
     body = r.json()
     assert body["prediction"] == "PNEUMONIA" and body["heatmap_png"]
     assert body["input_check"]["outcome"] in ("typical", "unlike_training")
+
+
+def test_the_adapted_model_keeps_the_frontal_check(
+    adapted: tuple[Path, dict], base_model: Path, site: Path
+) -> None:
+    from pneumonia.guard import NOT_A_FRONTAL_CHEST_XRAY, NotAFrontalChestXrayError
+
+    out, _ = adapted
+    p, base = Predictor(out, threads=1), Predictor(base_model, threads=1)
+    assert p.frontal is not None and base.frontal is not None
+    np.testing.assert_array_equal(p.frontal.weights, base.frontal.weights)
+    lateral = _png(_lateral(9))
+    for model in (p, base):
+        with pytest.raises(NotAFrontalChestXrayError, match="lateral chest view"):
+            model.predict_bytes(lateral)
+    outcomes = [p.predict_bytes(f.read_bytes()).check for f in sorted(site.rglob("*.png"))]
+    assert all(c is not None and c.outcome != NOT_A_FRONTAL_CHEST_XRAY for c in outcomes)
 
 
 def test_the_refitted_input_check_keeps_site_films_and_refuses_a_non_radiograph(
