@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.guard import NOT_A_CHEST_XRAY, OUTCOMES, UNLIKE_TRAINING, rates_table
+from pneumonia.guard import OUTCOMES, REFUSED_OUTCOMES, UNLIKE_TRAINING, rates_table
 from pneumonia.predictor import Predictor
 from pneumonia.preprocess import ImageError
 from pneumonia.preprocess import Preprocessed as Prepared
@@ -80,7 +80,10 @@ def outcomes(
 def rates(results: list[str]) -> dict[str, Any]:
     c = Counter(results)
     n = len(results)
-    refused = c[NOT_A_CHEST_XRAY] + sum(v for k, v in c.items() if k.startswith("error:"))
+    # Either refusal counts: since issue 25 a chest film can also be refused as not frontal.
+    refused = sum(c[o] for o in REFUSED_OUTCOMES) + sum(
+        v for k, v in c.items() if k.startswith("error:")
+    )
     return {
         "n": n,
         "refused": refused,
@@ -186,7 +189,7 @@ def main() -> int:
         res, scores = outcomes(predictor, files)
         report["films"][name] = rates(res)
         report["films"][name]["refused_files"] = [
-            str(f) for f, r in zip(files, res, strict=True) if r == NOT_A_CHEST_XRAY
+            str(f) for f, r in zip(files, res, strict=True) if r in REFUSED_OUTCOMES
         ]
         refusal = [s[1] for s in scores if s[1] is not None]
         if refusal:  # how close the films come to being refused (1.0: refused)

@@ -36,7 +36,7 @@ import numpy as np
 
 from pneumonia.adapt import SiteFilms, adapt_model, read_site
 from pneumonia.evaluate import expected_calibration_error, roc_auc
-from pneumonia.guard import NOT_A_CHEST_XRAY, UNLIKE_TRAINING
+from pneumonia.guard import REFUSED_OUTCOMES, UNLIKE_TRAINING
 from pneumonia.predictor import Predictor
 from pneumonia.preprocess import ImageError
 
@@ -101,7 +101,7 @@ def score(model: Path, site: SiteFilms) -> dict[str, Any]:
         "specificity": float((~pos[y == 0]).mean()),
         "ece": expected_calibration_error(y, probs),
         "flagged_unlike_training": outcomes.count(UNLIKE_TRAINING) / len(outcomes),
-        "refused": outcomes.count(NOT_A_CHEST_XRAY) / len(outcomes),
+        "refused": sum(o in REFUSED_OUTCOMES for o in outcomes) / len(outcomes),
     }
 
 
@@ -113,7 +113,7 @@ def refusals(model: Path, folder: Path) -> dict[str, Any]:
         if not f.is_file() or f.suffix.lower() not in (".png", ".jpg", ".jpeg"):
             continue
         try:
-            refused = p.predict_bytes(f.read_bytes()).check.outcome == NOT_A_CHEST_XRAY
+            refused = p.predict_bytes(f.read_bytes()).check.outcome in REFUSED_OUTCOMES
         except ImageError:
             refused = True  # not decodable as an image at all
         by.setdefault(f.relative_to(folder).parts[0], []).append(refused)

@@ -495,7 +495,7 @@ def rates_table(kinds: dict[str, Any], films: dict[str, Any]) -> list[str]:
     """Markdown table of measured rates (``benchmarks/bench_guard.py``'s ``kinds`` and
     ``films``): refused per kind of non-radiograph, refused and flagged chest films."""
     lines = [
-        "| set | images | refused as not a chest X-ray | flagged unlike training |",
+        "| set | images | refused (not a chest X-ray or not a frontal chest film) | flagged unlike training |",
         "|---|---|---|---|",
     ]
     for kind, r in kinds.items():
