@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from benchmarks.common import dicom_bytes
 from conftest import encode, synthetic_xray
-from pneumonia.card import FRONTAL_METADATA_KEY, file_digests
+from pneumonia.card import CARD_METADATA_KEY, FRONTAL_METADATA_KEY, file_digests
 from pneumonia.frontal import (
     CLASSES,
     FRONTAL_CHEST,
@@ -309,7 +309,16 @@ def test_the_check_round_trips_through_the_model_file_untouched_otherwise(
     assert digests[0].weights_sha256 == digests[1].weights_sha256
     assert digests[0].sha256 != digests[1].sha256
     meta = {e.key: e.value for e in after.metadata_props}
-    assert {e.key: e.value for e in before.metadata_props}.items() <= meta.items()
+    old = {e.key: e.value for e in before.metadata_props}
+    assert {k: v for k, v in old.items() if k != CARD_METADATA_KEY}.items() <= meta.items()
+    # The card changes in one place only: it says the file carries the check.
+    card_before, card_after = (
+        json.loads(old[CARD_METADATA_KEY]),
+        json.loads(meta[CARD_METADATA_KEY]),
+    )
+    assert card_after["input_check"].pop("frontal") == p.frontal.summary()
+    assert card_after == card_before
+    assert "the frontal-chest check" in frontal_model.with_suffix(".card.md").read_text()
     stored = FrontalCheck.from_json(meta[FRONTAL_METADATA_KEY])
     np.testing.assert_array_equal(stored.weights, p.frontal.weights)
     # Written twice: one entry, the latest.

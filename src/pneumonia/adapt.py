@@ -934,7 +934,11 @@ def adapted_card(
         weights_sha256=weights_sha256,
         validation_metrics=None,
         stressed_validation=None,
-        input_check=guard.summary(),
+        # The base's frontal-chest check reads the same embedding and travels with the file.
+        input_check={
+            **guard.summary(),
+            **{k: v for k, v in (base_card.input_check or {}).items() if k == "frontal"},
+        },
         lineage=(
             ModelRef(
                 base_card.name,

@@ -1257,7 +1257,8 @@ def input_check_section(check: Mapping[str, Any] | None) -> list[str]:
         return [
             *lines,
             "No feature statistics were fitted for this model (`pneumonia guard fit` was not "
-            "run): only the image checks apply.",
+            "run): no distance check applies.",
+            *(_frontal_lines(check["frontal"]) if check.get("frontal") else []),
             "",
         ]
     q = check.get("validation_distance_quantiles", {})
@@ -1287,9 +1288,31 @@ def input_check_section(check: Mapping[str, Any] | None) -> list[str]:
         f"{q.get('0.5', float('nan')):.4f}, maximum {q.get('1.0', float('nan')):.4f}; "
         f"{check.get('validation_flagged', 0):.1%} flagged, "
         f"{check.get('validation_refused', 0):.1%} refused by the feature distance.",
+        *_frontal_lines(check.get("frontal")),
         "- It is a screen, not a guarantee: an unusual film can be flagged or refused, and an "
         "image that is not a chest X-ray can pass. Operators can turn refusal into a flag "
         "(`INPUT_CHECK=flag`).",
         "",
     ]
     return lines
+
+
+def _frontal_lines(frontal: Mapping[str, Any] | None) -> list[str]:
+    """The frontal-chest check's line in the card (pneumonia.frontal's summary)."""
+    if not frontal:
+        return ["- No frontal-chest check: other radiographs are only flagged by the distances."]
+    fitted_on = frontal.get("fitted_on") or {}
+    cv = frontal.get("cross_validated") or {}
+    counts = frontal.get("counts") or {}
+    return [
+        f"- Then the frontal-chest check, a {frontal.get('method')} over the classes "
+        f"{', '.join(frontal.get('classes', []))}: refused as `not_a_frontal_chest_xray` when the "
+        f"frontal class's log-odds are under {frontal['refuse_logit']:.3f}, flagged under "
+        f"{frontal['flag_logit']:.3f} ({frontal.get('rule', 'rule not recorded')}).",
+        f"- Fitted on frontal chest films of {fitted_on.get('frontal_chest', 'not recorded')} and "
+        f"negatives from {fitted_on.get('negatives', 'not recorded')} "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items())}); cross-validated refusal of chest "
+        f"films: {', '.join(f'{k} {v:.2%}' for k, v in cv.items())}. DICOM headers naming another "
+        "body part, a lateral view or another modality are refused by the header alone "
+        "(`INPUT_CHECK_HEADERS=ignore` turns that off).",
+    ]

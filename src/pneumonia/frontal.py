@@ -423,4 +423,6 @@ def write_frontal_check(model_path: Path, check: FrontalCheck) -> None:
         )
     card, props, raw = read_model_card(model_path)
     extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    # The card says what the file carries: the check's summary beside the input check's.
+    card = card.with_(input_check={**(card.input_check or {}), "frontal": check.summary()})
     write_model(model_path, raw, card, {**extra, FRONTAL_METADATA_KEY: check.to_json()})
