@@ -7,8 +7,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Extras the test suite needs; `ray` is the optional distributed scorer (tests skip it when absent).
-TEST_EXTRAS ?= train,plots,dev,ray,adapt
+# Extras the test suite needs; `ray` is the optional distributed scorer (tests skip it when absent);
+# `pacs` the DICOMweb input (tests run it against a real Orthanc, installed by .ci/run).
+TEST_EXTRAS ?= train,plots,dev,ray,adapt,pacs
 PIP := $(BIN)/python -m pip
 
 # `make train DATA=...`, `make evaluate DATA=...`: a Kaggle-layout folder (train/ and test/ inside).

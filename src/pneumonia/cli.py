@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a string annotation only: keeps onnxruntime out of --help
     from pneumonia.predictor import Predictor
@@ -37,6 +37,8 @@ EXTRAS = {
     "matplotlib": "plots",
     "pyarrow": "parquet",
     "ray": "ray",
+    "dicomweb_client": "pacs",
+    "highdicom": "pacs",
 }
 
 
@@ -486,6 +488,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     from pneumonia.predictor import default_model_path
     from pneumonia.score import ScoreError, open_input, score_archive
+    from pneumonia.score.dicomweb import parse_source
 
     # The first Ctrl-C or SIGTERM asks the job to stop after the batch in hand (a
     # KeyboardInterrupt raised anywhere, say inside the process pool's bookkeeping, could leave
@@ -497,25 +500,33 @@ def cmd_score(a: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         stop.set()
 
+    job = {
+        "engine": a.engine,
+        "workers": a.workers,
+        "batch_size": a.batch_size,
+        "part_rows": a.part_rows,
+        "address": a.address,
+        "progress": not a.no_progress,
+        "refuse": not a.flag_only,
+        "stop": stop,
+        "use_headers": not a.ignore_headers,
+    }
+    model = a.model or default_model_path()
+    url = parse_source(a.input)
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if url is not None:
+            return _score_pacs(a, url, model, job)
+        pacs_only = [f for f in _PACS_FLAGS if getattr(a, f.lstrip("-").replace("-", "_"))]
+        if pacs_only:
+            raise ScoreError(f"{', '.join(pacs_only)} only apply to a dicomweb: input")
         source = open_input(
-            a.input, path_column=a.path_column, id_column=a.id_column, bytes_column=a.bytes_column
+            Path(a.input),
+            path_column=a.path_column,
+            id_column=a.id_column,
+            bytes_column=a.bytes_column,
         )
-        summary = score_archive(
-            source,
-            a.out,
-            a.model or default_model_path(),
-            engine=a.engine,
-            workers=a.workers,
-            batch_size=a.batch_size,
-            part_rows=a.part_rows,
-            address=a.address,
-            progress=not a.no_progress,
-            refuse=not a.flag_only,
-            stop=stop,
-            use_headers=not a.ignore_headers,
-        )
+        summary = score_archive(source, a.out, model, **job)
     except ScoreError as exc:
         print(f"pneumonia score: error: {exc}", file=sys.stderr)
         return 2
@@ -529,6 +540,24 @@ def cmd_score(a: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    _log_summary(summary)
+    print(json.dumps(summary.to_dict()))
+    return 0
+
+
+#: Options of `pneumonia score` that only a dicomweb: input takes.
+_PACS_FLAGS = (
+    "--study-date",
+    "--study-uid",
+    "--accession",
+    "--write-back",
+    "--watch",
+    "--max-polls",
+    "--duration",
+)
+
+
+def _log_summary(summary: Any) -> None:
     labels = ", ".join(f"{k} {v}" for k, v in summary.labels.items())
     log.info(
         "%d rows in %s (%s, %d errors); this run scored %d images at %.1f images/s",
@@ -539,7 +568,39 @@ def cmd_score(a: argparse.Namespace) -> int:
         summary.scored,
         summary.images_per_second,
     )
-    print(json.dumps(summary.to_dict()))
+
+
+def _score_pacs(a: argparse.Namespace, url: str, model: Path, job: dict[str, Any]) -> int:
+    """`pneumonia score dicomweb:URL`: one job, or polls with --watch (a JSON line each)."""
+    from pneumonia.score.dicomweb import DicomWebSettings, Query, require_pacs
+    from pneumonia.score.pacs import score_pacs, watch_pacs
+
+    require_pacs()
+    if not a.verbose:  # it logs every request at INFO
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    settings = DicomWebSettings.from_env(url, timeout=a.timeout)
+    query = Query(a.study_date, a.study_uid, a.accession)
+    job = {**job, "write_back": a.write_back}
+    if a.watch:
+        polls = watch_pacs(
+            settings,
+            query,
+            a.out,
+            model,
+            interval=a.poll_interval,
+            max_polls=a.max_polls,
+            duration=a.duration,
+            **job,
+        )
+    else:
+        if a.max_polls is not None or a.duration is not None:
+            from pneumonia.score import ScoreError
+
+            raise ScoreError("--max-polls and --duration bound --watch; add --watch")
+        polls = iter([score_pacs(settings, query, a.out, model, **job)])
+    for summary in polls:
+        _log_summary(summary.job)
+        print(json.dumps(summary.to_dict()), flush=True)
     return 0
 
 
@@ -918,9 +979,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.add_argument(
         "input",
-        type=Path,
         help="folder (searched recursively), .csv/.parquet manifest of paths, "
-        ".parquet of image bytes, or a MedMNIST .npz (every split; ids SPLIT/NNNNN)",
+        ".parquet of image bytes, a MedMNIST .npz (every split; ids SPLIT/NNNNN), or "
+        "dicomweb:URL, a PACS's DICOMweb service (docs/pacs.md)",
     )
     sc.add_argument("--out", type=Path, required=True, help="results file, .parquet or .csv")
     _model_arg(sc)
@@ -947,6 +1008,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _ignore_headers_arg(sc)
     sc.add_argument("--no-progress", action="store_true")
+    pacs = sc.add_argument_group(
+        "dicomweb: input (docs/pacs.md; credentials from DICOMWEB_USER/DICOMWEB_PASSWORD or "
+        "DICOMWEB_TOKEN, a private CA from DICOMWEB_CA_BUNDLE)"
+    )
+    pacs.add_argument("--study-date", help="YYYYMMDD or a range: YYYYMMDD-YYYYMMDD, YYYYMMDD-")
+    pacs.add_argument("--study-uid", help="only this StudyInstanceUID")
+    pacs.add_argument("--accession", help="only this AccessionNumber")
+    pacs.add_argument(
+        "--write-back",
+        action="store_true",
+        help="store a DICOM Structured Report per scored film in its study (STOW-RS)",
+    )
+    pacs.add_argument(
+        "--watch", action="store_true", help="poll for new studies (bounded by the next two)"
+    )
+    pacs.add_argument("--max-polls", type=int, help="with --watch: stop after this many polls")
+    pacs.add_argument("--duration", type=float, help="with --watch: stop after this many seconds")
+    pacs.add_argument(
+        "--poll-interval", type=float, default=60.0, help="with --watch: seconds between polls"
+    )
+    pacs.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to connect and per read (default 30)"
+    )
     sc.set_defaults(func=cmd_score)
     rc = sub.add_parser(
         "recalibrate",

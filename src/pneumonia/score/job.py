@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pneumonia.predictor import Predictor, available_cpus
 from pneumonia.progress import progress_bar
+from pneumonia.score.dicomweb import DicomWebSource
 from pneumonia.score.inputs import FolderSource, ManifestSource, NpzSource, ParquetBytesSource
 from pneumonia.score.output import ScoreOutput
-from pneumonia.score.rows import ScoreError
+from pneumonia.score.rows import ScoreError, ScoreRow
 
 ENGINES = ("local", "ray")
 
@@ -60,8 +62,13 @@ class ScoreSummary:
         }
 
 
+#: Called with each batch's rows before they are saved (``--write-back``); raising stops the job
+#: with those rows unsaved, so that a rerun scores them again.
+RowHook = Callable[[Predictor, list[ScoreRow]], None]
+
+
 def score_archive(
-    source: FolderSource | ManifestSource | ParquetBytesSource | NpzSource,
+    source: FolderSource | ManifestSource | ParquetBytesSource | NpzSource | DicomWebSource,
     out: Path,
     model_path: Path,
     *,
@@ -74,6 +81,7 @@ def score_archive(
     refuse: bool = True,
     stop: threading.Event | None = None,
     use_headers: bool = True,
+    on_rows: RowHook | None = None,
 ) -> ScoreSummary:
     """Score every image of ``source`` into ``out``, resuming whatever an earlier run left.
 
@@ -95,6 +103,7 @@ def score_archive(
             ``KeyboardInterrupt`` there, with every finished row saved.
         use_headers: Let a DICOM header naming another body part, view or modality refuse
             the file (pneumonia.frontal); False ignores headers.
+        on_rows: Called with each batch's rows (and the job's model) before they are saved.
 
     Raises:
         ScoreError: bad arguments, an output of another model or input kind, a missing
@@ -105,6 +114,8 @@ def score_archive(
         raise ScoreError(f"engine must be one of {ENGINES}, got {engine!r}")
     if address and engine != "ray":
         raise ScoreError("--address only applies to --engine ray")
+    if engine == "ray" and isinstance(source, DicomWebSource):
+        raise ScoreError("a dicomweb: input is scored by the local engine; leave out --engine ray")
     if batch_size < 1 or (workers is not None and workers < 1):
         raise ScoreError(f"batch size and workers must be >= 1, got {batch_size} and {workers}")
     predictor = Predictor(model_path, threads=1, refuse=refuse, use_headers=use_headers)
@@ -120,6 +131,7 @@ def score_archive(
             if engine == "ray":
                 from pneumonia.score.ray_engine import iter_ray
 
+                assert not isinstance(source, DicomWebSource)  # refused above
                 batches = iter_ray(
                     source,
                     model_path,
@@ -141,6 +153,8 @@ def score_archive(
                 )
             try:
                 for rows in batches:
+                    if on_rows is not None:
+                        on_rows(predictor, rows)
                     output.add(rows)
                     scored += len(rows)
                     bar.update(len(rows))

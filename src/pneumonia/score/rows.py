@@ -36,12 +36,14 @@ class ScoreError(ValueError):
 
 class Item(NamedTuple):
     """One image to score: its key and a file to read, the bytes themselves, or (a MedMNIST
-    .npz image) its uint8 grayscale pixels."""
+    .npz image) its uint8 grayscale pixels; or, for what the source already knows it will not
+    score (a lateral film from a PACS), the row's ``error`` ("code: message")."""
 
     key: str
     path: str | None = None
     data: bytes | None = None
     pixels: np.ndarray | None = None
+    error: str | None = None
 
 
 class ScoreRow(NamedTuple):
@@ -103,6 +105,10 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
     arrays: list[Preprocessed] = []
     good: list[tuple[int, str]] = []
     for i, item in enumerate(items):
+        if item.error is not None:
+            code, _, message = item.error.partition(": ")
+            rows[i] = _error_row(predictor, item.key, None, code, message)
+            continue
         if item.pixels is not None:
             arrays.append(Preprocessed(preprocess_uint8(item.pixels, predictor.spec)))
             good.append((i, hashlib.sha256(item.pixels.tobytes()).hexdigest()))

@@ -1,0 +1,444 @@
+"""Films from a PACS over DICOMweb: ``pneumonia score dicomweb:<base URL>``.
+
+QIDO-RS finds the CR and DX instances (optionally of one study date range, study or accession
+number); frontal chest films (BodyPartExamined CHEST and ViewPosition PA or AP, each where the
+PACS records it) are retrieved with WADO-RS and scored like any other file, the rest become
+rows saying why they were skipped. The key of a row is ``STUDY_UID/SERIES_UID/SOP_UID``.
+
+The connection (:class:`DicomWebSettings`): credentials from the environment (basic or
+bearer), TLS verified (a private CA through ``DICOMWEB_CA_BUNDLE``; there is no switch to turn
+verification off), a connect and read timeout on every request, and at most
+:data:`RETRIES` retries of a failed connection or a 429/502/503/504 answer, backing off.
+
+Patient names and ids arrive in every QIDO answer and every file header: nothing here logs
+a header or an answer, only UIDs and HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections import deque
+from collections.abc import Container, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pneumonia.score.rows import Item, ScoreError
+
+if TYPE_CHECKING:
+    import requests
+    from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+#: ``pneumonia score dicomweb:https://pacs.example.org/dicom-web``
+SCHEME = "dicomweb:"
+PACS_HINT = "install it with: pip install 'pneumonia-detection[pacs]'"
+#: Environment variables of the connection (docs/pacs.md).
+USER_ENV = "DICOMWEB_USER"
+PASSWORD_ENV = "DICOMWEB_PASSWORD"
+TOKEN_ENV = "DICOMWEB_TOKEN"
+CA_BUNDLE_ENV = "DICOMWEB_CA_BUNDLE"
+#: Retries of one request after a refused or dropped connection or a 429/502/503/504 answer.
+RETRIES = 3
+RETRY_STATUSES = (429, 502, 503, 504)
+#: Modalities of projection radiographs; QIDO matches one value at a time.
+MODALITIES = ("CR", "DX")
+FRONTAL_VIEWS = ("PA", "AP")
+CHEST = "CHEST"
+#: Error code of a row that was found but is not a frontal chest film.
+SKIPPED = "skipped_not_frontal_chest"
+#: Error code of a row whose file could not be retrieved (the server answered, with an error).
+RETRIEVE_FAILED = "retrieve_failed"
+
+# QIDO attributes by tag, as DICOM JSON names them.
+_STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
+_STUDY_DATE, _STUDY_TIME, _BODY_PART, _VIEW = "00080020", "00080030", "00180015", "00185101"
+_FIELDS = ("StudyDate", "StudyTime", "BodyPartExamined", "ViewPosition")
+_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+
+
+def require_pacs() -> None:
+    """Import the ``pacs`` extra, or explain how to get it."""
+    try:
+        import dicomweb_client  # noqa: F401
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise ScoreError(
+            f"a dicomweb: input needs dicomweb-client and highdicom; {PACS_HINT}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class DicomWebSettings:
+    """How to reach one DICOMweb service.
+
+    Attributes:
+        url: Base URL of the service (``https://host/dicom-web``), without ``dicomweb:``.
+        user, password: HTTP basic credentials (``DICOMWEB_USER``, ``DICOMWEB_PASSWORD``).
+        token: A bearer token (``DICOMWEB_TOKEN``), instead of basic credentials.
+        ca_bundle: A CA certificate file to verify the server with (``DICOMWEB_CA_BUNDLE``);
+            default: the system's.
+        timeout: Seconds to wait for a connection and, separately, for each read.
+    """
+
+    url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            raise ScoreError(
+                f"{SCHEME}{self.url} is not a DICOMweb base URL; write it as "
+                f"{SCHEME}https://host[:port]/path (for Orthanc: {SCHEME}http://127.0.0.1:8042/dicom-web)"
+            )
+        if self.token and (self.user or self.password):
+            raise ScoreError(f"set either {TOKEN_ENV} or {USER_ENV}/{PASSWORD_ENV}, not both")
+        if bool(self.user) != bool(self.password):
+            raise ScoreError(f"{USER_ENV} and {PASSWORD_ENV} go together; set both or neither")
+        if self.ca_bundle and not os.path.isfile(self.ca_bundle):
+            raise ScoreError(f"{CA_BUNDLE_ENV}={self.ca_bundle} is not a file; name a PEM file")
+        if self.timeout <= 0:
+            raise ScoreError(f"the timeout must be > 0 seconds, got {self.timeout}")
+
+    @classmethod
+    def from_env(
+        cls, url: str, environ: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> DicomWebSettings:
+        """Settings for ``url`` with the credentials and CA bundle of the environment."""
+        env = os.environ if environ is None else environ
+        return cls(
+            url.rstrip("/"),
+            user=env.get(USER_ENV) or None,
+            password=env.get(PASSWORD_ENV) or None,
+            token=env.get(TOKEN_ENV) or None,
+            ca_bundle=env.get(CA_BUNDLE_ENV) or None,
+            timeout=timeout,
+        )
+
+    def session(self) -> requests.Session:
+        """A requests session with the credentials, TLS verification and bounded retries."""
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        s = requests.Session()
+        if self.token:
+            s.headers["Authorization"] = f"Bearer {self.token}"
+        elif self.user and self.password:
+            s.auth = (self.user, self.password)
+        s.verify = self.ca_bundle or True
+        # POST is retried too: a stored report has UIDs derived from its content's source, so
+        # storing it again replaces nothing and adds nothing.
+        retry = Retry(
+            total=RETRIES,
+            backoff_factor=0.5,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=16)
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
+        return s
+
+    def client(self, session: requests.Session | None = None) -> Any:
+        """A dicomweb-client on ``session`` (default: a new one), retrying only through it."""
+        require_pacs()
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(
+            self.url, session=session or self.session(), timeout=(self.timeout, self.timeout)
+        )
+        client.set_http_retry_params(retry=False)  # one retry policy: the session's
+        return client
+
+
+def connection_error(settings: DicomWebSettings, exc: Exception, doing: str) -> ScoreError:
+    """The message for a failed request: unreachable, refused credentials, TLS, an HTTP error."""
+    import requests
+
+    where = f"the DICOMweb server at {settings.url}"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ScoreError(
+            f"cannot {doing}: the TLS certificate of {where} could not be verified ({exc}); "
+            f"if it is signed by your own CA, set {CA_BUNDLE_ENV} to that CA's PEM file"
+        )
+    if isinstance(exc, requests.exceptions.Timeout):
+        return ScoreError(
+            f"cannot {doing}: {where} did not answer within {settings.timeout:g} s; "
+            "check it is up, or raise --timeout"
+        )
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return ScoreError(
+            f"cannot {doing}: {where} is unreachable (tried {RETRIES + 1} times); "
+            "check the URL and that the server is running"
+        )
+    if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            cred = (
+                f"the bearer token in {TOKEN_ENV}"
+                if settings.token
+                else f"{USER_ENV}/{PASSWORD_ENV}"
+                if settings.user
+                else f"no credentials (set {USER_ENV} and {PASSWORD_ENV}, or {TOKEN_ENV})"
+            )
+            word = "Unauthorized" if status == 401 else "Forbidden"
+            return ScoreError(f"cannot {doing}: {where} answered {status} {word} to {cred}")
+        return ScoreError(f"cannot {doing}: {where} answered HTTP {status} {exc.response.reason}")
+    return ScoreError(f"cannot {doing} at {where}: {type(exc).__name__}: {exc}")
+
+
+def _value(record: Mapping[str, Any], tag: str) -> str:
+    values = record.get(tag, {}).get("Value") or [""]
+    return str(values[0])
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance found by QIDO: its UIDs and what decides whether it is scored."""
+
+    study: str
+    series: str
+    sop: str
+    study_date: str = ""
+    study_time: str = ""
+    body_part: str = ""
+    view: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.study}/{self.series}/{self.sop}"
+
+    @property
+    def when(self) -> str:
+        """``YYYYMMDDHHMMSS.FFFFFF``-like text that sorts by study date and time."""
+        return f"{self.study_date}{self.study_time}"
+
+    def skip_reason(self) -> str | None:
+        """Why this is not a frontal chest film, or None. An attribute the PACS does not
+        record does not count against it (many CR/DX archives leave both empty)."""
+        body = self.body_part.strip().upper()
+        view = self.view.strip().upper()
+        if body and body != CHEST:
+            return f"BodyPartExamined is {body}, not {CHEST}"
+        if view and view not in FRONTAL_VIEWS:
+            return f"ViewPosition is {view}, not {' or '.join(FRONTAL_VIEWS)}"
+        return None
+
+    @classmethod
+    def from_qido(cls, record: Mapping[str, Any]) -> Instance:
+        return cls(
+            _value(record, _STUDY_UID),
+            _value(record, _SERIES_UID),
+            _value(record, _SOP_UID),
+            _value(record, _STUDY_DATE),
+            _value(record, _STUDY_TIME),
+            _value(record, _BODY_PART),
+            _value(record, _VIEW),
+        )
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which instances to find.
+
+    Attributes:
+        study_date: A DICOM date or range: ``20260101``, ``20260101-20260131``, ``20260101-``.
+        study_uid: One StudyInstanceUID.
+        accession: One AccessionNumber.
+    """
+
+    study_date: str | None = None
+    study_uid: str | None = None
+    accession: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.study_date is not None and (
+            not self.study_date or not _DATE_RANGE.match(self.study_date) or self.study_date == "-"
+        ):
+            raise ScoreError(
+                f"--study-date {self.study_date!r} is not a DICOM date or range; "
+                "write YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD"
+            )
+
+    def filters(self, modality: str) -> dict[str, str]:
+        f = {"Modality": modality}
+        if self.study_date:
+            f["StudyDate"] = self.study_date
+        if self.accession:
+            f["AccessionNumber"] = self.accession
+        return f
+
+
+def find_instances(client: Any, settings: DicomWebSettings, query: Query) -> list[Instance]:
+    """Every CR and DX instance matching ``query``, by study date and time, then UIDs.
+
+    Raises:
+        ScoreError: the server is unreachable, refuses the credentials or answers an error.
+    """
+    found: dict[str, Instance] = {}
+    for modality in MODALITIES:
+        try:
+            records = client.search_for_instances(
+                study_instance_uid=query.study_uid,
+                fields=list(_FIELDS),
+                search_filters=query.filters(modality),
+                get_remaining=True,
+            )
+        except Exception as exc:
+            raise connection_error(settings, exc, "search for instances (QIDO-RS)") from None
+        for record in records:
+            inst = Instance.from_qido(record)
+            if inst.study and inst.series and inst.sop:
+                found.setdefault(inst.key, inst)
+    return sorted(found.values(), key=lambda i: (i.when, i.key))
+
+
+def _multipart_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a ``multipart/related`` message (RFC 2387), in order."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise ValueError(f"multipart answer without a boundary (Content-Type {content_type!r})")
+    delimiter = b"--" + match.group(1).encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        _headers, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("multipart part without a header/body separator")
+        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+    return parts
+
+
+@dataclass
+class DicomWebSource:
+    """The instances one QIDO search found; files are retrieved while the job runs.
+
+    Args:
+        settings: The connection.
+        instances: From :func:`find_instances`, in scoring order.
+        fetch_threads: WADO-RS requests in flight at once.
+        keep_headers: Keep each retrieved file's header (no pixel data) in ``headers`` until
+            :meth:`pop_header`; the reports written back need them.
+    """
+
+    settings: DicomWebSettings
+    instances: list[Instance]
+    fetch_threads: int = 4
+    keep_headers: bool = False
+    headers: dict[str, Dataset] = field(default_factory=dict)
+    key_name: ClassVar[str] = "instance"
+
+    def __post_init__(self) -> None:
+        self._session = self.settings.session()
+
+    @classmethod
+    def open(cls, settings: DicomWebSettings, query: Query = Query(), **kw: Any) -> DicomWebSource:
+        """Search the server now; the returned source holds what it found."""
+        client = settings.client()
+        return cls(settings, find_instances(client, settings, query), **kw)
+
+    def iter_keys(self) -> Iterator[str]:
+        return (i.key for i in self.instances)
+
+    def _url(self, inst: Instance) -> str:
+        return f"{self.settings.url}/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}"
+
+    def retrieve(self, inst: Instance) -> bytes:
+        """The instance's file as stored (WADO-RS, any transfer syntax), byte for byte.
+
+        Raises:
+            ScoreError: the server is unreachable or refuses the credentials.
+            RetrieveError: it answered this instance with another error, or an unreadable answer.
+        """
+        import requests
+
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        try:
+            r = self._session.get(
+                self._url(inst),
+                headers={"Accept": accept},
+                timeout=(self.settings.timeout, self.settings.timeout),
+            )
+            r.raise_for_status()
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code in (401, 403):
+                raise connection_error(self.settings, exc, "retrieve instances (WADO-RS)") from None
+            status = exc.response.status_code if exc.response is not None else "?"
+            reason = exc.response.reason if exc.response is not None else ""
+            raise RetrieveError(f"WADO-RS answered HTTP {status} {reason}".strip()) from None
+        except requests.RequestException as exc:
+            raise connection_error(self.settings, exc, "retrieve instances (WADO-RS)") from None
+        ctype = r.headers.get("Content-Type", "")
+        if ctype.startswith("application/dicom"):  # a non-conforming server, one bare part
+            return r.content
+        try:
+            parts = _multipart_parts(ctype, r.content)
+        except ValueError as exc:
+            raise RetrieveError(str(exc)) from None
+        if len(parts) != 1:
+            raise RetrieveError(f"WADO-RS answered {len(parts)} parts for one instance")
+        return parts[0]
+
+    def _item(self, inst: Instance, fetched: Future[bytes] | None) -> Item:
+        reason = inst.skip_reason()
+        if reason is not None:
+            return Item(inst.key, error=f"{SKIPPED}: {reason}")
+        assert fetched is not None
+        try:
+            data = fetched.result()
+        except RetrieveError as exc:
+            log.warning("cannot retrieve %s: %s", inst.key, exc)
+            return Item(inst.key, error=f"{RETRIEVE_FAILED}: {exc}")
+        if self.keep_headers:
+            header = read_header(data)
+            if header is not None:
+                self.headers[inst.key] = header
+        return Item(inst.key, data=data)
+
+    def items(self, skip: Container[str]) -> Iterator[Item]:
+        todo = (i for i in self.instances if i.key not in skip)
+        pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="wado")
+        window: deque[tuple[Instance, Future[bytes] | None]] = deque()
+        try:
+            for inst in todo:
+                fut = None if inst.skip_reason() else pool.submit(self.retrieve, inst)
+                window.append((inst, fut))
+                if len(window) > 2 * self.fetch_threads:
+                    yield self._item(*window.popleft())
+            while window:
+                yield self._item(*window.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def pop_header(self, key: str) -> Dataset | None:
+        """The header kept for ``key`` (and forget it), or None."""
+        return self.headers.pop(key, None)
+
+
+class RetrieveError(Exception):
+    """The server answered one instance with an error; that instance becomes an error row."""
+
+
+def read_header(data: bytes) -> Dataset | None:
+    """A DICOM file's header without its pixel data, or None if it does not parse."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # the decoder gives the row its error; no report is written for it
+        return None
+
+
+def parse_source(text: str) -> str | None:
+    """The base URL of a ``dicomweb:`` input, or None if ``text`` is not one."""
+    return text[len(SCHEME) :] if text.startswith(SCHEME) else None

@@ -1,0 +1,266 @@
+"""Results back into the PACS: one DICOM Structured Report per scored film (``--write-back``).
+
+Why TID 1500 (Measurement Report) in a Comprehensive SR: it is the template the IHE AI Results
+profile names for AI output and the one that viewers (OHIF, 3D Slicer) and highdicom read back
+as structured findings, and a whole-image classification fits its image-level group (TID 1501)
+without inventing a template: the finding type Pneumonia, the source film as the group's
+source image, the model as its algorithm (name, version, weights digest as a parameter), a
+measurement P(PNEUMONIA) and one of the threshold (unit ``1``), and qualitative evaluations
+for the label (Pneumonia present when PNEUMONIA, absent when NORMAL) and the input check's
+outcome. A Comprehensive SR rather than Comprehensive 3D: there are no 3-D coordinates.
+
+Films the input check refuses get no report: "not a chest X-ray" is not a finding about the
+patient, and a report in the study would look like a read. Their rows say so in OUT, and the
+per-study summary counts them. Films it scores but flags (``unlike_training``) get a report
+that carries the flag.
+
+The report's UIDs come from the model's weights digest and the source film's UIDs (a UUID-
+derived ``2.25`` UID, pydicom's ``generate_uid`` with fixed entropy), so storing the report of
+the same film by the same model twice replaces nothing and adds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pneumonia.labels import LABELS
+from pneumonia.score.rows import ScoreError, ScoreRow
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from pneumonia.predictor import Predictor
+    from pneumonia.score.dicomweb import DicomWebSettings, DicomWebSource
+
+log = logging.getLogger(__name__)
+
+#: Local codes (DICOM PS3.16 8.2: a private scheme designator starts with 99).
+SCHEME = "99PNEUMONIA"
+MANUFACTURER = "pneumonia-detection"
+SERIES_NUMBER = 9901
+SERIES_DESCRIPTION = "Pneumonia model report (not verified by a radiologist)"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a report says about the model that wrote it."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+def model_identity(predictor: Predictor) -> ModelIdentity:
+    """The model's name, version and weights digest: the one place reports read them."""
+    return ModelIdentity(predictor.name, predictor.version, predictor.sha256)
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is a function of ``parts`` alone (``2.25.`` + 128 bits of their SHA-512)."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(prefix=None, entropy_srcs=list(parts)))
+
+
+def report_uids(model: ModelIdentity, header: Dataset) -> tuple[str, str]:
+    """(series, SOP instance) UIDs of the report on ``header``'s film by ``model``."""
+    return (
+        derived_uid("pneumonia-report-series", model.weights_sha256, str(header.SeriesInstanceUID)),
+        derived_uid("pneumonia-report", model.weights_sha256, str(header.SOPInstanceUID)),
+    )
+
+
+#: Type 2 attributes of the patient and study that highdicom copies from the film into the
+#: report; archives often leave them out of a film (then the report has them empty).
+_COPIED_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _evidence(header: Dataset) -> Dataset:
+    """``header`` with every attribute the report copies present (empty where it had none)."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.update(header)
+    for keyword in _COPIED_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def _codes() -> dict[str, Any]:
+    from highdicom.sr import CodedConcept
+
+    return {
+        "procedure": CodedConcept("399208008", "SCT", "Plain chest X-ray"),
+        "pneumonia": CodedConcept("233604007", "SCT", "Pneumonia"),
+        "lung": CodedConcept("39607008", "SCT", "Lung structure"),
+        "present": CodedConcept("52101004", "SCT", "Present"),
+        "absent": CodedConcept("2667000", "SCT", "Absent"),
+        "unitless": CodedConcept("1", "UCUM", "no units"),
+        "probability": CodedConcept("p-pneumonia", SCHEME, "Probability of pneumonia"),
+        "threshold": CodedConcept("threshold", SCHEME, "Decision threshold of the model"),
+        "input_check": CodedConcept("input-check", SCHEME, "Input check of the model"),
+    }
+
+
+#: What each scored outcome of the input check (pneumonia.guard) reads as in a report.
+INPUT_CHECK_MEANINGS = {
+    "typical": "Typical of the films the model was validated on",
+    "unlike_training": "Unlike the films the model was validated on",
+    "not_a_chest_xray": "Not a chest X-ray (scored with --flag-only)",
+}
+
+
+def build_report(header: Dataset, row: ScoreRow, model: ModelIdentity) -> Dataset:
+    """The Comprehensive SR (TID 1500) of one scored film, in its study.
+
+    Args:
+        header: The film's DICOM header (patient and study are copied from it).
+        row: Its scored row (``prediction`` set).
+        model: The model that scored it.
+
+    Raises:
+        ScoreError: the row has no prediction, or the header lacks the UIDs a report needs.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if row.prediction is None or row.p_pneumonia is None:
+        raise ScoreError(f"{row.key} has no prediction to report ({row.error})")
+    for attr in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not header.get(attr):
+            raise ScoreError(f"{row.key}: the film's header has no {attr}; cannot report on it")
+    header = _evidence(header)
+    c = _codes()
+    series_uid, sop_uid = report_uids(model, header)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"weights sha256 {model.weights_sha256}", f"threshold {row.threshold!r}"],
+    )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("pneumonia-model", model.weights_sha256),
+        name=model.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{model.name} {model.version}",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    unit = c["unitless"]
+    measurements = [
+        hd.sr.Measurement(
+            name=c["probability"], value=row.p_pneumonia, unit=unit, algorithm_id=algorithm
+        ),
+        hd.sr.Measurement(name=c["threshold"], value=row.threshold, unit=unit),
+    ]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            c["pneumonia"], c["present"] if row.prediction == LABELS[1] else c["absent"]
+        )
+    ]
+    if row.input_check:
+        meaning = INPUT_CHECK_MEANINGS.get(row.input_check, row.input_check)
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                c["input_check"], hd.sr.CodedConcept(row.input_check, SCHEME, meaning)
+            )
+        )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid("pneumonia-finding", model.weights_sha256, str(header.SOPInstanceUID)),
+            identifier="Pneumonia classification of the whole film",
+        ),
+        finding_type=c["pneumonia"],
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(c["lung"])],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=c["procedure"],
+        imaging_measurements=[group],
+    )
+    instance_number = int(header.get("InstanceNumber") or 1)
+    return hd.sr.ComprehensiveSR(
+        evidence=[header],
+        content=content[0],
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=max(1, instance_number),
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        series_description=SERIES_DESCRIPTION,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+class ReportWriter:
+    """The ``on_rows`` hook of a ``--write-back`` job: one report per scored film, stored with
+    STOW-RS before the batch's rows are saved (a failed store stops the job with those rows
+    unsaved, so a rerun tries them again).
+
+    Args:
+        source: The job's source, keeping the headers of the films it retrieved.
+        settings: The connection to store through.
+    """
+
+    def __init__(self, source: DicomWebSource, settings: DicomWebSettings) -> None:
+        self.source = source
+        self.settings = settings
+        self.client = settings.client()
+        self.stored = 0
+        self._model: ModelIdentity | None = None
+
+    def __call__(self, predictor: Predictor, rows: list[ScoreRow]) -> None:
+        if self._model is None:
+            self._model = model_identity(predictor)
+        reports = []
+        for row in rows:
+            header = self.source.pop_header(row.key)
+            if row.prediction is None:  # an error row: refused, skipped or unreadable
+                continue
+            if header is None:
+                raise ScoreError(f"{row.key} was scored but its header was not kept; report a bug")
+            reports.append(build_report(header, row, self._model))
+        if reports:
+            self.store(reports)
+
+    def store(self, reports: Sequence[Dataset]) -> None:
+        """STOW-RS ``reports``; raises ScoreError naming what the server refused."""
+        from pneumonia.score.dicomweb import connection_error
+
+        try:
+            answer = self.client.store_instances(datasets=list(reports))
+        except Exception as exc:
+            raise connection_error(self.settings, exc, "store reports (STOW-RS)") from None
+        failed = answer.get("FailedSOPSequence") if answer is not None else None
+        if failed:
+            reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
+            raise ScoreError(
+                f"the DICOMweb server refused {len(failed)} of {len(reports)} reports "
+                f"(DICOM failure reasons {reasons}); the rows of this batch are not saved"
+            )
+        self.stored += len(reports)
+        log.debug("stored %d reports", len(reports))
