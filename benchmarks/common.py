@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shlex
@@ -24,10 +25,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
+from base64 import b64encode
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -487,3 +492,206 @@ def assert_error(resp: Any, status: int, code: str) -> str:
     message = body["error"]["message"]
     assert message and not _LEAK.search(message), message
     return str(message)
+
+
+# --- a real PACS: Orthanc with its DICOMweb plugin (tests/test_pacs.py, bench_pacs.py) ----------
+# From the Debian packages (apt-get install orthanc orthanc-dicomweb; .ci/run installs them), on
+# a free loopback port, its storage in the caller's folder, stopped afterwards; and the films
+# uploaded to it, with the study, series, body part and view attributes a PACS would hold.
+
+ORTHANC_PACKAGES = "orthanc orthanc-dicomweb"
+#: Where Debian's orthanc-dicomweb puts the plugin (`dpkg -L orthanc-dicomweb`).
+PLUGIN_GLOB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so*"
+USER, PASSWORD = "radiology", "s3cret-for-tests"
+
+
+def find_orthanc() -> tuple[str, str] | str:
+    """(the Orthanc binary, the DICOMweb plugin library), or why they cannot be found."""
+    binary = shutil.which("Orthanc") or (
+        "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None
+    )
+    if binary is None:
+        return f"no Orthanc binary (apt-get install {ORTHANC_PACKAGES})"
+    plugin = _plugin_from_dpkg() or next(
+        iter(sorted(Path("/").glob(PLUGIN_GLOB.lstrip("/")))), None
+    )
+    if plugin is None:
+        return f"no Orthanc DICOMweb plugin (apt-get install {ORTHANC_PACKAGES})"
+    return binary, str(plugin)
+
+
+def _plugin_from_dpkg() -> str | None:
+    try:
+        listed = subprocess.run(
+            ["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    libs = [p for p in listed if "/plugins/" in p and ".so" in Path(p).name]
+    return libs[0] if libs else None
+
+
+@dataclass
+class Orthanc:
+    """One Orthanc process; ``with Orthanc(folder) as pacs:`` starts it and stops it.
+
+    Attributes:
+        folder: Holds its config, storage and log.
+        user, password: Its one HTTP user (authentication is on, as in a hospital).
+    """
+
+    folder: Path
+    user: str = USER
+    password: str = PASSWORD
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def root(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb base URL (``pneumonia score dicomweb:<this>``)."""
+        return f"{self.root}/dicom-web"
+
+    def start(self, timeout: float = 30.0) -> Orthanc:
+        found = find_orthanc()
+        if isinstance(found, str):
+            raise RuntimeError(found)
+        binary, plugin = found
+        self.port = free_port()
+        storage = self.folder / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pneumonia-tests",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": self.port,
+            "RemoteAccessAllowed": False,
+            "DicomServerEnabled": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.user: self.password},
+            "HttpsVerifyPeers": True,
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        cfg = self.folder / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        self._log = (self.folder / "orthanc.log").open("wb")
+        self._proc = subprocess.Popen(
+            [binary, str(cfg)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {self._proc.returncode}: {self.log_tail()}"
+                )
+            try:
+                self.get("/dicom-web/studies")
+                return self
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer within {timeout:g} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = 2000) -> str:
+        path = self.folder / "orthanc.log"
+        return path.read_text(errors="replace")[-n:] if path.is_file() else ""
+
+    def _request(self, path: str, data: bytes | None = None, method: str = "GET") -> bytes:
+        auth = b64encode(f"{self.user}:{self.password}".encode()).decode()
+        req = urllib.request.Request(
+            self.root + path, data=data, method=method, headers={"Authorization": f"Basic {auth}"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return bytes(r.read())
+
+    def get(self, path: str) -> Any:
+        """Orthanc's REST API (JSON)."""
+        return json.loads(self._request(path))
+
+    def upload(self, dicom: bytes) -> None:
+        """Store one DICOM file as it is (Orthanc's REST API keeps the bytes)."""
+        self._request("/instances", dicom, "POST")
+
+    def delete_instance(self, sop: str) -> None:
+        """Delete the instance with this SOPInstanceUID."""
+        (found,) = json.loads(self._request("/tools/lookup", sop.encode(), "POST"))
+        self._request(f"/instances/{found['ID']}", method="DELETE")
+
+    def instance_count(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
+
+def film_dicom(
+    pixels: Any,
+    *,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    modality: str = "CR",
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    study_date: str = "20260101",
+    study_time: str = "080000",
+    patient: tuple[str, str] = ("Doe^Jane", "PATIENT-SECRET-0042"),
+    bits: int = 12,
+    **attrs: Any,
+) -> bytes:
+    """A CR/DX film as a PACS holds one: ``pixels`` (2-D; uint8 is scaled to ``bits``; None: an
+    instance without pixel data) with
+    study, series and instance UIDs, date and time, body part and view (None leaves either
+    attribute out), and patient fields that must never be logged."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    arr = None if pixels is None else np.asarray(pixels)
+    if arr is not None and arr.dtype == np.uint8:
+        arr = arr.astype(np.uint16) << (bits - 8)
+    extra: dict[str, Any] = {
+        "StudyInstanceUID": study,
+        "SeriesInstanceUID": series or generate_uid(),
+        "StudyDate": study_date,
+        "StudyTime": study_time,
+        "AccessionNumber": "ACC-" + study[-6:],
+        "Modality": modality,
+        "InstanceNumber": 1,
+        "SeriesNumber": 1,
+        **attrs,
+    }
+    if body_part is not None:
+        extra["BodyPartExamined"] = body_part
+    if view is not None:
+        extra["ViewPosition"] = view
+    data = dicom_bytes(arr, bits=bits, patient=patient, **extra)
+    if sop is None:
+        return data
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

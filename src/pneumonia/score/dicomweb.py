@@ -307,15 +307,17 @@ def _multipart_parts(content_type: str, body: bytes) -> list[bytes]:
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
         raise ValueError(f"multipart answer without a boundary (Content-Type {content_type!r})")
-    delimiter = b"--" + match.group(1).encode()
+    # A delimiter is CRLF "--" boundary (RFC 2046 5.1.1), so the boundary text inside a file's
+    # bytes does not split it; the first one may open the body without the CRLF.
+    delimiter = b"\r\n--" + match.group(1).encode()
     parts = []
-    for chunk in body.split(delimiter)[1:]:
+    for chunk in (b"\r\n" + body).split(delimiter)[1:]:
         if chunk.startswith(b"--"):  # the closing delimiter
             break
         _headers, sep, content = chunk.partition(b"\r\n\r\n")
         if not sep:
             raise ValueError("multipart part without a header/body separator")
-        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+        parts.append(content)
     return parts
 
 

@@ -14,14 +14,15 @@ patient, and a report in the study would look like a read. Their rows say so in 
 per-study summary counts them. Films it scores but flags (``unlike_training``) get a report
 that carries the flag.
 
-The report's UIDs come from the model's weights digest and the source film's UIDs (a UUID-
-derived ``2.25`` UID, pydicom's ``generate_uid`` with fixed entropy), so storing the report of
-the same film by the same model twice replaces nothing and adds nothing.
+The report's UIDs come from the model's weights digest and the source film's UIDs (``2.25`` and
+a name-based UUID of them), so storing the report of the same film by the same model twice
+replaces nothing and adds nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,11 +59,19 @@ def model_identity(predictor: Predictor) -> ModelIdentity:
     return ModelIdentity(predictor.name, predictor.version, predictor.sha256)
 
 
-def derived_uid(*parts: str) -> str:
-    """A UID that is a function of ``parts`` alone (``2.25.`` + 128 bits of their SHA-512)."""
-    from pydicom.uid import generate_uid
+#: Namespace of the name-based UUIDs under the reports' ``2.25`` UIDs (any fixed UUID would do;
+#: changing it would give every report new UIDs).
+UID_NAMESPACE = uuid.UUID("5b0c6f0e-8f4e-4b43-9d0a-6e6f6e6f7020")
 
-    return str(generate_uid(prefix=None, entropy_srcs=list(parts)))
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is a function of ``parts`` alone: ``2.25.`` and the integer of their
+    name-based (SHA-1, version 5) UUID, as ISO/IEC 9834-8 and DICOM PS3.5 B.2 allow.
+
+    pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` looks like it but ignores the
+    entropy under the ``2.25`` root and returns a random UUID: reports would be stored twice.
+    """
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(0).join(parts)).int}"
 
 
 def report_uids(model: ModelIdentity, header: Dataset) -> tuple[str, str]:
