@@ -632,6 +632,10 @@ class Orthanc:
         """Orthanc's REST API (JSON)."""
         return json.loads(self._request(path))
 
+    def post(self, path: str, body: Any) -> Any:
+        """POST JSON to Orthanc's REST API (JSON answer)."""
+        return json.loads(self._request(path, json.dumps(body).encode(), "POST"))
+
     def upload(self, dicom: bytes) -> None:
         """Store one DICOM file as it is (Orthanc's REST API keeps the bytes)."""
         self._request("/instances", dicom, "POST")

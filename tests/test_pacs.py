@@ -79,6 +79,9 @@ def test_a_bad_study_date_is_refused_naming_the_forms(bad: str) -> None:
 def test_settings_are_checked_at_the_boundary(tmp_path: Path) -> None:
     with pytest.raises(ScoreError, match="not a DICOMweb base URL"):
         DicomWebSettings("pacs.example.org/dicom-web")
+    with pytest.raises(ScoreError, match="the URL holds credentials") as err:
+        DicomWebSettings("https://alice:hunter2@pacs/dicom-web")
+    assert "hunter2" not in str(err.value)
     with pytest.raises(ScoreError, match="not both"):
         DicomWebSettings("https://pacs", user="a", password="b", token="t")
     with pytest.raises(ScoreError, match="go together"):

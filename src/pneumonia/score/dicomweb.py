@@ -93,6 +93,11 @@ class DicomWebSettings:
     timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if re.match(r"^([a-z]+://)?[^/@\s]*@", self.url):
+            raise ScoreError(
+                f"the URL holds credentials; take them out and set {USER_ENV}/{PASSWORD_ENV} "
+                f"or {TOKEN_ENV} instead (a URL ends up in logs and messages)"
+            )
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise ScoreError(
                 f"{SCHEME}{self.url} is not a DICOMweb base URL; write it as "
