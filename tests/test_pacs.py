@@ -39,7 +39,13 @@ from pneumonia.score.dicomweb import (
 )
 from pneumonia.score.output import format_for
 from pneumonia.score.pacs import _since, score_pacs, study_rows, watch_pacs
-from pneumonia.score.report import ModelIdentity, derived_uid, model_identity, report_uids
+from pneumonia.score.report import (
+    ModelIdentity,
+    derived_uid,
+    heatmap_uid,
+    model_identity,
+    report_uids,
+)
 
 PATIENT = ("Quixotlewaite^Zebrandine", "PID-7QX3-ZEBRA-5512")
 SECRETS = (PATIENT[0], *PATIENT[0].split("^"), PATIENT[1])
@@ -466,3 +472,36 @@ def test_real_films_through_the_pacs_with_the_shipped_model(pacs: Orthanc, tmp_p
     reports = sr_instances(pacs, uid)
     assert len(reports) == summary.reports_stored
     assert all(dciodvfy_errors(r, tmp_path) == [] for r in reports)
+
+
+@pacs_test
+def test_write_heatmap_stores_a_secondary_capture_beside_each_report(
+    pacs: Orthanc, tiny_model: Path, tmp_path: Path
+) -> None:
+    uid = generate_uid()
+    data = film(41, study=uid)
+    pacs.upload(data)
+    header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    summary = score_pacs(
+        settings(pacs),
+        Query(study_uid=uid),
+        tmp_path / "s.csv",
+        tiny_model,
+        write_back=True,
+        heatmaps=True,
+        workers=1,
+    )
+    assert summary.reports_stored == 2  # the report and the heatmap
+    model = model_identity(Predictor(tiny_model))
+    series, _ = report_uids(model, header)
+    sc = settings(pacs).client().retrieve_instance(uid, series, heatmap_uid(model, header))
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.Modality == "OT"
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[2] == 3
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert (str(sc.PatientName), sc.PatientID) == PATIENT
+    assert dciodvfy_errors(sc, tmp_path) == []
+    # Neither the report nor the heatmap is a CR/DX film to score next time.
+    again = score_pacs(
+        settings(pacs), Query(study_uid=uid), tmp_path / "t.csv", tiny_model, workers=1
+    )
+    assert again.found == 1

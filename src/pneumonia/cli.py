@@ -551,6 +551,7 @@ _PACS_FLAGS = (
     "--study-uid",
     "--accession",
     "--write-back",
+    "--write-heatmap",
     "--watch",
     "--max-polls",
     "--duration",
@@ -580,7 +581,7 @@ def _score_pacs(a: argparse.Namespace, url: str, model: Path, job: dict[str, Any
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
     settings = DicomWebSettings.from_env(url, timeout=a.timeout)
     query = Query(a.study_date, a.study_uid, a.accession)
-    job = {**job, "write_back": a.write_back}
+    job = {**job, "write_back": a.write_back, "heatmaps": a.write_heatmap}
     if a.watch:
         polls = watch_pacs(
             settings,
@@ -1019,6 +1020,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-back",
         action="store_true",
         help="store a DICOM Structured Report per scored film in its study (STOW-RS)",
+    )
+    pacs.add_argument(
+        "--write-heatmap",
+        action="store_true",
+        help="with --write-back: also store each film's heatmap as a Secondary Capture",
     )
     pacs.add_argument(
         "--watch", action="store_true", help="poll for new studies (bounded by the next two)"

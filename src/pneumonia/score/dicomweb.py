@@ -336,13 +336,17 @@ class DicomWebSource:
         fetch_threads: WADO-RS requests in flight at once.
         keep_headers: Keep each retrieved file's header (no pixel data) in ``headers`` until
             :meth:`pop_header`; the reports written back need them.
+        keep_files: Keep each retrieved file until :meth:`pop_file` (for heatmaps); at most
+            the films in flight between retrieval and the job's hook.
     """
 
     settings: DicomWebSettings
     instances: list[Instance]
     fetch_threads: int = 4
     keep_headers: bool = False
+    keep_files: bool = False
     headers: dict[str, Dataset] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
     key_name: ClassVar[str] = "instance"
 
     def __post_init__(self) -> None:
@@ -410,6 +414,8 @@ class DicomWebSource:
             header = read_header(data)
             if header is not None:
                 self.headers[inst.key] = header
+        if self.keep_files:
+            self.files[inst.key] = data
         return Item(inst.key, data=data)
 
     def items(self, skip: Container[str]) -> Iterator[Item]:
@@ -430,6 +436,10 @@ class DicomWebSource:
     def pop_header(self, key: str) -> Dataset | None:
         """The header kept for ``key`` (and forget it), or None."""
         return self.headers.pop(key, None)
+
+    def pop_file(self, key: str) -> bytes | None:
+        """The file kept for ``key`` (and forget it), or None."""
+        return self.files.pop(key, None)
 
 
 class RetrieveError(Exception):

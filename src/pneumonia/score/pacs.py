@@ -134,21 +134,25 @@ def score_pacs(
     model_path: Path,
     *,
     write_back: bool = False,
+    heatmaps: bool = False,
     fetch_threads: int = 4,
     **job: Any,
 ) -> PacsSummary:
     """Score what ``query`` finds on the server into ``out``; with ``write_back``, store a
-    report per scored film in its study. ``job``: the options of :func:`score_archive`.
+    report per scored film in its study (and with ``heatmaps`` its heatmap as a Secondary
+    Capture). ``job``: the options of :func:`score_archive`.
 
     Raises:
         ScoreError: the server is unreachable, refuses the credentials or a report, or any
             error :func:`score_archive` raises.
     """
+    if heatmaps and not write_back:
+        raise ScoreError("--write-heatmap goes with --write-back")
     source = DicomWebSource.open(
-        settings, query, fetch_threads=fetch_threads, keep_headers=write_back
+        settings, query, fetch_threads=fetch_threads, keep_headers=write_back, keep_files=heatmaps
     )
     log.info("%d CR/DX instances found at %s", len(source.instances), settings.url)
-    writer = ReportWriter(source, settings) if write_back else None
+    writer = ReportWriter(source, settings, heatmaps) if write_back else None
     summary = score_archive(source, out, model_path, on_rows=writer, **job)
     newest = max((i.when for i in source.instances), default="")
     return PacsSummary(

@@ -31,6 +31,7 @@ from pneumonia.labels import LABELS
 from pneumonia.score.rows import ScoreError, ScoreRow
 
 if TYPE_CHECKING:
+    import numpy as np
     from pydicom.dataset import Dataset
 
     from pneumonia.predictor import Predictor
@@ -80,6 +81,62 @@ def report_uids(model: ModelIdentity, header: Dataset) -> tuple[str, str]:
         derived_uid("pneumonia-report-series", model.weights_sha256, str(header.SeriesInstanceUID)),
         derived_uid("pneumonia-report", model.weights_sha256, str(header.SOPInstanceUID)),
     )
+
+
+def heatmap_uid(model: ModelIdentity, header: Dataset) -> str:
+    """SOP instance UID of the heatmap Secondary Capture of ``header``'s film by ``model``."""
+    return derived_uid("pneumonia-heatmap", model.weights_sha256, str(header.SOPInstanceUID))
+
+
+def _orientation(header: Dataset) -> tuple[str, str] | None:
+    """The film's PatientOrientation (the overlay keeps its rows and columns), if it has one."""
+    value = header.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2 or not all(value):
+        return None
+    return str(value[0]), str(value[1])
+
+
+def build_heatmap(header: Dataset, rgb: np.ndarray, model: ModelIdentity) -> Dataset:
+    """The heatmap of one film as a Secondary Capture (RGB) in the report's series, pointing at
+    the film it was drawn on.
+
+    Args:
+        header: The film's DICOM header.
+        rgb: uint8 (H, W, 3): :func:`pneumonia.heatmap.overlay` of the film.
+        model: The model that drew it.
+    """
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+
+    header = _evidence(header)
+    series_uid, _ = report_uids(model, header)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=heatmap_uid(model, header),
+        instance_number=max(1, int(header.get("InstanceNumber") or 1)),
+        manufacturer=MANUFACTURER,
+        # highdicom demands an orientation; a film that records none gets an empty one (type 2:
+        # unknown) below rather than a guess.
+        patient_orientation=_orientation(header) or ("L", "F"),
+        series_description=SERIES_DESCRIPTION,
+    )
+    if _orientation(header) is None:
+        sc.PatientOrientation = None
+    # Type 2C in General Series (dciodvfy asks for it): the film's, else empty (unknown).
+    sc.Laterality = header.get("Laterality") or None
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = f"class activation map of {model.name} {model.version} over the film"
+    source = Dataset()
+    source.ReferencedSOPClassUID = header.SOPClassUID
+    source.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    sc.SourceImageSequence = [source]
+    return sc
 
 
 #: Type 2 attributes of the patient and study that highdicom copies from the film into the
@@ -225,19 +282,38 @@ def build_report(header: Dataset, row: ScoreRow, model: ModelIdentity) -> Datase
     )
 
 
+def heatmap_rgb(predictor: Predictor, data: bytes, row: ScoreRow) -> np.ndarray:
+    """The film with the model's activation map for the row's label over it (uint8 RGB), drawn
+    as the service draws its heatmaps."""
+    from pneumonia.heatmap import MAX_OVERLAY_SIDE, overlay
+    from pneumonia.preprocess import preprocess_image
+
+    pre = preprocess_image(data, predictor.spec, view_side=MAX_OVERLAY_SIDE)
+    (pred,) = predictor.predict_arrays(pre.input[None], with_cam=True)
+    if pre.view is None or pred.cam is None:
+        raise ScoreError(f"{row.key}: no picture or activation map to draw a heatmap from")
+    return overlay(pre.view, pred.cam, row.prediction or pred.label)
+
+
 class ReportWriter:
     """The ``on_rows`` hook of a ``--write-back`` job: one report per scored film, stored with
     STOW-RS before the batch's rows are saved (a failed store stops the job with those rows
     unsaved, so a rerun tries them again).
 
     Args:
-        source: The job's source, keeping the headers of the films it retrieved.
+        source: The job's source, keeping the headers (and, for heatmaps, the files) of the
+            films it retrieved.
         settings: The connection to store through.
+        heatmaps: Also store each film's heatmap as a Secondary Capture (the film is decoded
+            and run through the model once more, in this process, for its activation map).
     """
 
-    def __init__(self, source: DicomWebSource, settings: DicomWebSettings) -> None:
+    def __init__(
+        self, source: DicomWebSource, settings: DicomWebSettings, heatmaps: bool = False
+    ) -> None:
         self.source = source
         self.settings = settings
+        self.heatmaps = heatmaps
         self.client = settings.client()
         self.stored = 0
         self._model: ModelIdentity | None = None
@@ -248,16 +324,25 @@ class ReportWriter:
         reports = []
         for row in rows:
             header = self.source.pop_header(row.key)
+            data = self.source.pop_file(row.key)
             if row.prediction is None:  # an error row: refused, skipped or unreadable
                 continue
             if header is None:
                 raise ScoreError(f"{row.key} was scored but its header was not kept; report a bug")
             reports.append(build_report(header, row, self._model))
+            if self.heatmaps:
+                if data is None:
+                    raise ScoreError(
+                        f"{row.key} was scored but its file was not kept; report a bug"
+                    )
+                reports.append(
+                    build_heatmap(header, heatmap_rgb(predictor, data, row), self._model)
+                )
         if reports:
             self.store(reports)
 
     def store(self, reports: Sequence[Dataset]) -> None:
-        """STOW-RS ``reports``; raises ScoreError naming what the server refused."""
+        """STOW-RS ``reports`` (and heatmaps); raises ScoreError naming what the server refused."""
         from pneumonia.score.dicomweb import connection_error
 
         try:
