@@ -134,6 +134,69 @@ def test_watch_asks_only_for_studies_from_the_newest_date_seen() -> None:
     assert _since(Query(study_date="20260110-"), "20260105") == Query(study_date="20260110-")
 
 
+@pytest.fixture()
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server with a self-signed certificate for 127.0.0.1 that answers every QIDO
+    search with no instances: (its DICOMweb URL, the certificate's PEM file)."""
+    import http.server
+    import ssl
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            *subject,
+            *files,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/dicom-web", cert
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_is_verified_and_a_private_ca_is_named_by_the_environment(
+    tls_server: tuple[str, Path],
+) -> None:
+    url, cert = tls_server
+    with pytest.raises(ScoreError, match=r"could not be verified .* set DICOMWEB_CA_BUNDLE"):
+        DicomWebSource.open(DicomWebSettings(url, timeout=5))
+    trusted = DicomWebSettings.from_env(url, {"DICOMWEB_CA_BUNDLE": str(cert)}, timeout=5)
+    assert DicomWebSource.open(trusted).instances == []
+
+
 # --- a real PACS -----------------------------------------------------------------------------
 
 

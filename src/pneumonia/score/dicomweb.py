@@ -130,7 +130,6 @@ class DicomWebSettings:
     def session(self) -> requests.Session:
         """A requests session with the credentials, TLS verification and bounded retries."""
         import requests
-        from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
 
         s = requests.Session()
@@ -138,7 +137,6 @@ class DicomWebSettings:
             s.headers["Authorization"] = f"Bearer {self.token}"
         elif self.user and self.password:
             s.auth = (self.user, self.password)
-        s.verify = self.ca_bundle or True
         # POST is retried too: a stored report has UIDs derived from its content's source, so
         # storing it again replaces nothing and adds nothing.
         retry = Retry(
@@ -148,7 +146,7 @@ class DicomWebSettings:
             allowed_methods=None,
             raise_on_status=False,
         )
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=16)
+        adapter = _verifying_adapter(self.ca_bundle or True, max_retries=retry, pool_maxsize=16)
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         return s
@@ -163,6 +161,21 @@ class DicomWebSettings:
         )
         client.set_http_retry_params(retry=False)  # one retry policy: the session's
         return client
+
+
+def _verifying_adapter(verify: bool | str, **kw: Any) -> Any:
+    """An HTTPAdapter that verifies TLS with ``verify`` on every request, whatever the
+    environment says: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override
+    ``Session.verify`` (psf/requests#3829), which would drop DICOMWEB_CA_BUNDLE wherever an
+    image sets them (found by the TLS test, in an environment that does)."""
+    from requests.adapters import HTTPAdapter
+
+    class VerifyingAdapter(HTTPAdapter):
+        def send(self, request: Any, *args: Any, **send_kw: Any) -> Any:
+            send_kw["verify"] = verify
+            return super().send(request, *args, **send_kw)
+
+    return VerifyingAdapter(**kw)
 
 
 def connection_error(settings: DicomWebSettings, exc: Exception, doing: str) -> ScoreError:

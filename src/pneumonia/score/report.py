@@ -127,9 +127,9 @@ def build_heatmap(header: Dataset, rgb: np.ndarray, model: ModelIdentity) -> Dat
         series_description=SERIES_DESCRIPTION,
     )
     if _orientation(header) is None:
-        sc.PatientOrientation = None
+        sc.PatientOrientation = []
     # Type 2C in General Series (dciodvfy asks for it): the film's, else empty (unknown).
-    sc.Laterality = header.get("Laterality") or None
+    sc.Laterality = str(header.get("Laterality") or "")
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = f"class activation map of {model.name} {model.version} over the film"
     source = Dataset()
