@@ -271,8 +271,13 @@ def test_films_from_the_pacs_score_like_the_same_files_from_a_folder(
         if row.error_code == SKIPPED:
             reasons[sop] = row.error
             continue
-        # The very bytes the PACS was given, decoded and scored alike.
-        assert row._replace(key="") == local[sop]._replace(key=""), sop
+        # The very bytes the PACS was given, decoded and scored alike (up to the float noise
+        # of another batch composition, as between any two runs of `pneumonia score`).
+        same = local[sop]
+        assert row._replace(key="", p_normal=0, p_pneumonia=0) == same._replace(
+            key="", p_normal=0, p_pneumonia=0
+        ), sop
+        assert row.p_pneumonia == pytest.approx(same.p_pneumonia, abs=1e-6), sop
     assert sorted(reasons.values()) == [
         f"{SKIPPED}: BodyPartExamined is HAND, not CHEST",
         f"{SKIPPED}: ViewPosition is LL, not PA or AP",
@@ -530,7 +535,9 @@ def test_real_films_through_the_pacs_with_the_shipped_model(pacs: Orthanc, tmp_p
     rows = read_rows(out)
     assert len(rows) == 4
     for row in rows:
-        assert row.p_pneumonia == by_sha[row.sha256].p_pneumonia
+        same = by_sha[row.sha256]
+        assert (row.prediction, row.input_check) == (same.prediction, same.input_check)
+        assert row.p_pneumonia == pytest.approx(same.p_pneumonia, abs=1e-6)
     assert summary.reports_stored == sum(r.prediction is not None for r in rows) > 0
     reports = sr_instances(pacs, uid)
     assert len(reports) == summary.reports_stored
