@@ -575,3 +575,18 @@ def test_write_heatmap_stores_a_secondary_capture_beside_each_report(
         settings(pacs), Query(study_uid=uid), tmp_path / "t.csv", tiny_model, workers=1
     )
     assert again.found == 1
+
+
+def test_a_film_header_is_read_within_the_decoders_bounds() -> None:
+    """Regression: the header for a report was first read with a plain pydicom.dcmread, which
+    inflates a Deflated dataset whole, past the bound the decoder keeps (tests/test_hostile.py)."""
+    from benchmarks.common import dicom_bytes
+    from pneumonia.score.dicomweb import read_header
+    from test_hostile import dicom_deflate_bomb
+
+    pixels = synthetic_xray(1, 3, 64).astype(np.uint16) * 16
+    header = read_header(dicom_bytes(pixels, transfer_syntax="1.2.840.10008.1.2.1.99"))
+    assert header is not None and header.PatientID == "PATIENT-SECRET-0042"
+    assert "PixelData" not in header and header.Rows == 64
+    assert read_header(dicom_deflate_bomb(128)) is None
+    assert read_header(b"DICM but not really") is None

@@ -360,3 +360,37 @@ def decode(data: bytes, draft_size: int | None, tally: ColourTally | None = None
     if photometric == "MONOCHROME1":  # 0 is white in MONOCHROME1
         out = 1.0 - out
     return out
+
+
+#: Tag of the pixel data; a header is everything before it.
+_PIXEL_DATA = 0x7FE00010
+
+
+def read_header(data: bytes) -> Any:
+    """A DICOM file's dataset without its pixel data (for a report about the film), parsed
+    within the decoder's bounds: a Deflated dataset is inflated only up to
+    ``MAX_INFLATED_BYTES``, and no value over 1 MiB (deferred, never read) is kept.
+
+    Raises:
+        ImageError: the file does not parse, or inflates past the bound.
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+
+    try:
+        ds, _, _ = _read(data)
+        header = Dataset()
+        header.file_meta = ds.file_meta
+        # keys() rather than iterating the dataset, which would read each deferred value.
+        for tag in list(ds.keys()):
+            if tag >= _PIXEL_DATA:
+                break
+            raw = ds.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+                continue  # deferred: over _DEFER_BYTES, left where it lies
+            header[tag] = ds[tag]
+        return header
+    except ImageError:
+        raise
+    except Exception:
+        raise UndecodableImageError("the DICOM header could not be parsed") from None

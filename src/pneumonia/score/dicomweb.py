@@ -16,7 +16,6 @@ a header or an answer, only UIDs and HTTP statuses.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -460,13 +459,16 @@ class RetrieveError(Exception):
 
 
 def read_header(data: bytes) -> Dataset | None:
-    """A DICOM file's header without its pixel data, or None if it does not parse."""
-    import pydicom
+    """A DICOM file's header without its pixel data, or None if it does not parse (its row
+    then carries the decoder's error, and no report is written for it)."""
+    from pneumonia._decode.dicom import read_header as read
+    from pneumonia.preprocess import ImageError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:  # the decoder gives the row its error; no report is written for it
+        header: Dataset = read(data)
+    except ImageError:
         return None
+    return header
 
 
 def parse_source(text: str) -> str | None:
