@@ -125,6 +125,47 @@ def test_report_uids_depend_on_the_weights_and_the_film_only() -> None:
     assert derived_uid("x", "y") == derived_uid("x", "y") != derived_uid("xy")
 
 
+def test_reports_keep_their_uids_when_only_the_card_changes(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The UIDs come from the weights digest (pneumonia.card), not the file's sha256, which a
+    card rewrite changes: a re-carded model rewrites the same reports instead of adding more."""
+    from pneumonia.card import CARD_METADATA_KEY, ModelCard, read_metadata, with_metadata
+
+    data = tiny_model.read_bytes()
+    props = read_metadata(data)
+    card = ModelCard.from_json(props[CARD_METADATA_KEY]).with_(version="9.9.9")
+    recarded = tmp_path / "recarded.onnx"
+    recarded.write_bytes(with_metadata(data, {**props, CARD_METADATA_KEY: card.to_json()}))
+    before, after = Predictor(tiny_model), Predictor(recarded)
+    assert before.sha256 != after.sha256
+    a, b = model_identity(before), model_identity(after)
+    assert (a.weights_sha256, a.version, b.version) == (
+        before.weights_sha256,
+        before.version,
+        "9.9.9",
+    )
+    header = pydicom.Dataset()
+    header.SeriesInstanceUID, header.SOPInstanceUID = "1.2.3", "1.2.3.4"
+    assert report_uids(a, header) == report_uids(b, header)
+
+
+def test_a_model_without_a_weights_digest_writes_no_report() -> None:
+    class Undigested:
+        path = Path("old.onnx")
+
+        def identity(self) -> dict[str, str]:
+            return {
+                "name": "m",
+                "version": "1",
+                "sha256": "a" * 64,
+                "weights_sha256": "not recorded",
+            }
+
+    with pytest.raises(ScoreError, match=r"has no weights digest .* re-export"):
+        model_identity(Undigested())  # type: ignore[arg-type]
+
+
 def test_watch_asks_only_for_studies_from_the_newest_date_seen() -> None:
     assert _since(Query(), "") == Query()
     assert _since(Query(), "20260105101010") == Query(study_date="20260105-")

@@ -22,6 +22,7 @@ replaces nothing and adds nothing.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,8 +57,23 @@ class ModelIdentity:
 
 
 def model_identity(predictor: Predictor) -> ModelIdentity:
-    """The model's name, version and weights digest: the one place reports read them."""
-    return ModelIdentity(predictor.name, predictor.version, predictor.sha256)
+    """The model's name, version and weights digest (the sha256 of the ONNX file without its
+    metadata, so the same when only the card changes; pneumonia.card): the one place reports
+    read them.
+
+    Raises:
+        ScoreError: the model has no weights digest to derive the reports' UIDs from; the
+            file's own sha256 is not used instead (it changes with every card rewrite, and
+            with it every report's UIDs).
+    """
+    identity = predictor.identity()
+    digest = identity.get("weights_sha256") or ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ScoreError(
+            f"model {predictor.path} has no weights digest (got {digest!r}); re-export it with "
+            "`pneumonia export` to write reports back"
+        )
+    return ModelIdentity(identity["name"], identity["version"], digest)
 
 
 #: Namespace of the name-based UUIDs under the reports' ``2.25`` UIDs (any fixed UUID would do;
