@@ -17,6 +17,10 @@ that carries the flag.
 The report's UIDs come from the model's weights digest and the source film's UIDs (``2.25`` and
 a name-based UUID of them), so storing the report of the same film by the same model twice
 replaces nothing and adds nothing.
+
+With ``--write-heatmap``, each reported film also gets a Secondary Capture beside its report: the
+film with the model's class-activation map for its label over it (the picture the service's
+``?heatmap=true`` draws), in the report's series, its UID derived the same way.
 """
 
 from __future__ import annotations
