@@ -110,8 +110,11 @@ def test_multipart_answer_is_split_into_its_parts() -> None:
     )
     ctype = 'multipart/related; type="application/dicom"; boundary="XyZ"'
     assert _multipart_parts(ctype, body) == [b"DICM-one", b"\r\nbytes--XyZ"]
+    assert _multipart_parts(ctype, b"--XyZ\r\n\r\n\r\n--XyZ--") == [b""]
     with pytest.raises(ValueError, match="boundary"):
         _multipart_parts("multipart/related", body)
+    with pytest.raises(ValueError, match="cut short"):
+        _multipart_parts(ctype, body[: body.rindex(b"\r\n--XyZ--")])
 
 
 def test_report_uids_depend_on_the_weights_and_the_film_only() -> None:

@@ -320,21 +320,36 @@ def find_instances(client: Any, settings: DicomWebSettings, query: Query) -> lis
 
 
 def _multipart_parts(content_type: str, body: bytes) -> list[bytes]:
-    """The bodies of a ``multipart/related`` message (RFC 2387), in order."""
+    """The bodies of a ``multipart/related`` message (RFC 2387), in order.
+
+    Sliced out of ``body`` where they lie (a film is tens of MB; splitting the whole answer
+    would copy it twice). A delimiter is CRLF "--" boundary (RFC 2046 5.1.1), so the boundary
+    text inside a file's bytes does not cut it; the first one may open the body without CRLF.
+
+    Raises:
+        ValueError: no boundary, a part without its blank line, or no closing delimiter.
+    """
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
         raise ValueError(f"multipart answer without a boundary (Content-Type {content_type!r})")
-    # A delimiter is CRLF "--" boundary (RFC 2046 5.1.1), so the boundary text inside a file's
-    # bytes does not split it; the first one may open the body without the CRLF.
     delimiter = b"\r\n--" + match.group(1).encode()
+    if body.startswith(delimiter[2:]):
+        pos = len(delimiter) - 2
+    else:
+        found = body.find(delimiter)
+        if found < 0:
+            raise ValueError("multipart answer without its boundary")
+        pos = found + len(delimiter)
     parts = []
-    for chunk in (b"\r\n" + body).split(delimiter)[1:]:
-        if chunk.startswith(b"--"):  # the closing delimiter
-            break
-        _headers, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
+    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the message
+        blank = body.find(b"\r\n\r\n", pos)
+        if blank < 0:
             raise ValueError("multipart part without a header/body separator")
-        parts.append(content)
+        end = body.find(delimiter, blank + 4)
+        if end < 0:
+            raise ValueError("multipart answer cut short (no closing delimiter)")
+        parts.append(body[blank + 4 : end])
+        pos = end + len(delimiter)
     return parts
 
 
