@@ -404,7 +404,9 @@ class DicomWebSource:
         try:
             r = self._session.get(
                 self._url(inst),
-                headers={"Accept": accept},
+                # No gzip: Orthanc compresses an answer when asked (HttpCompressionEnabled, on by
+                # default), which took 370 ms of a 10 MB film's retrieval against 35 ms without.
+                headers={"Accept": accept, "Accept-Encoding": "identity"},
                 timeout=(self.settings.timeout, self.settings.timeout),
             )
             r.raise_for_status()
