@@ -97,6 +97,68 @@ def run_score(pacs: Orthanc, out: Path, args: argparse.Namespace) -> tuple[float
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def per_film_costs(
+    pacs: Orthanc, film: Any, model: Path | None, repeats: int = 10
+) -> dict[str, float]:
+    """Milliseconds per step for one film (``film``: a uint8 array), one step at a time in this
+    process: WADO-RS retrieval with and without gzip, splitting the answer, reading the header,
+    decoding, scoring (decode, model and input check), building the report."""
+    import requests
+    from pydicom.uid import generate_uid
+
+    from pneumonia.predictor import Predictor, default_model_path
+    from pneumonia.score.dicomweb import (
+        DicomWebSettings,
+        DicomWebSource,
+        Instance,
+        _multipart_parts,
+        read_header,
+    )
+    from pneumonia.score.report import build_report, model_identity
+    from pneumonia.score.rows import Item, score_items
+
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    data = film_dicom(film, study=study, series=series, sop=sop)
+    pacs.upload(data)
+    settings = DicomWebSettings(pacs.dicomweb, user=pacs.user, password=pacs.password)
+    source = DicomWebSource(settings, [])
+    inst = Instance(study, series, sop)
+    predictor = Predictor(model or default_model_path(), threads=1)
+    row = score_items(predictor, [Item("k", data=data)])[0]
+    header = read_header(data)
+    identity = model_identity(predictor)
+    session = settings.session()
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    answer = session.get(
+        source._url(inst), headers={"Accept": accept, "Accept-Encoding": "identity"}
+    )
+
+    def gzip_get() -> requests.Response:
+        return session.get(source._url(inst), headers={"Accept": accept, "Accept-Encoding": "gzip"})
+
+    steps = {
+        "retrieve (WADO-RS, no encoding)": lambda: source.retrieve(inst),
+        "retrieve (WADO-RS, gzip accepted)": gzip_get,
+        "split the answer": lambda: _multipart_parts(
+            answer.headers["Content-Type"], answer.content
+        ),
+        "read the header": lambda: read_header(data),
+        "decode (prepare)": lambda: predictor.prepare(data),
+        "score (decode, model, input check)": lambda: score_items(
+            predictor, [Item("k", data=data)]
+        ),
+        "build the report": lambda: build_report(header, row, identity),
+    }
+    costs = {}
+    for name, step in steps.items():
+        step()  # warm: imports, caches
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        costs[name] = round((time.perf_counter() - start) / repeats * 1000, 1)
+    return costs
+
+
 def report_count(pacs: Orthanc) -> int:
     return len(pacs.post("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}}))
 
@@ -120,6 +182,8 @@ def main() -> int:
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
     if size is not None and len(size) != 2:
         raise SystemExit(f"--size {args.size}: write WIDTHxHEIGHT, e.g. 2048x2500")
+    import numpy as np
+
     pixels = film_pixels(args.films, args.instances)
     with tempfile.TemporaryDirectory(prefix="bench_pacs-") as tmp, Orthanc(Path(tmp)) as pacs:
         log(f"Orthanc at {pacs.dicomweb}; uploading {len(pixels)} films")
@@ -133,6 +197,12 @@ def main() -> int:
         again_s, again = run_score(pacs, Path(tmp) / "scores.csv", args)
         log(f"second run {again_s:.1f} s: {json.dumps(again)}")
         stored = report_count(pacs)
+        film = film_pixels(args.films, 1)[0]
+        if size is not None:
+            from PIL import Image
+
+            film = np.asarray(Image.fromarray(film).resize(size, Image.Resampling.BICUBIC))
+        costs = per_film_costs(pacs, film, args.model)
     scored = first["labels"]["NORMAL"] + first["labels"]["PNEUMONIA"]
     checks = {
         "one row per instance": first["rows"] == args.instances,
@@ -157,6 +227,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "checks": checks,
+        "per_film_ms": costs,
     }
     print("| Run | Wall time (s) | Films scored | Reports stored |")
     print("| --- | --- | --- | --- |")
@@ -169,6 +240,11 @@ def main() -> int:
         f"{args.instances} instances; errors {first['errors']}; input check {first['input_check']};"
     )
     print(f"reports in the PACS after both runs: {stored}; load average before: {load_before:.2f}")
+    print()
+    print("| One film, one step at a time (this process) | ms |")
+    print("| --- | --- |")
+    for name, ms in costs.items():
+        print(f"| {name} | {ms} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
