@@ -59,20 +59,27 @@ def read_rows(out: Path) -> list[ScoreRow]:
 # --- no server -------------------------------------------------------------------------------
 
 
+LATERAL = "its DICOM header says ViewPosition LL, a lateral view"
+HAND = "its DICOM header says BodyPartExamined HAND, not the chest"
+
+
 @pytest.mark.parametrize(
     ("body", "view", "reason"),
     [
         ("CHEST", "PA", None),
         ("chest", "ap", None),
-        ("", "", None),  # the PACS records neither: scored
-        ("CHEST", "", None),
+        ("", "", None),  # the PACS records neither: retrieved, the image check judges it
+        ("THORAX", "", None),  # not named as another part: not held against it
         ("", "PA", None),
-        ("CHEST", "LL", "ViewPosition is LL, not PA or AP"),
-        ("HAND", "PA", "BodyPartExamined is HAND, not CHEST"),
-        ("ABDOMEN", "", "BodyPartExamined is ABDOMEN, not CHEST"),
+        ("CHEST", "LL", LATERAL),
+        ("HAND", "PA", HAND),
+        ("ABDOMEN", "", "its DICOM header says BodyPartExamined ABDOMEN, not the chest"),
     ],
 )
-def test_only_frontal_chest_films_are_scored(body: str, view: str, reason: str | None) -> None:
+def test_what_the_pacs_records_as_not_frontal_chest_is_skipped(
+    body: str, view: str, reason: str | None
+) -> None:
+    """By the frontal-chest check's own header rule (pneumonia.frontal), its one owner."""
     assert Instance("1", "2", "3", body_part=body, view=view).skip_reason() == reason
 
 
@@ -322,10 +329,7 @@ def test_films_from_the_pacs_score_like_the_same_files_from_a_folder(
             key="", p_normal=0, p_pneumonia=0
         ), sop
         assert row.p_pneumonia == pytest.approx(same.p_pneumonia, abs=1e-6), sop
-    assert sorted(reasons.values()) == [
-        f"{SKIPPED}: BodyPartExamined is HAND, not CHEST",
-        f"{SKIPPED}: ViewPosition is LL, not PA or AP",
-    ]
+    assert sorted(reasons.values()) == [f"{SKIPPED}: {HAND}", f"{SKIPPED}: {LATERAL}"]
     scored = [r for r in rows.values() if r.prediction is not None]
     failed = [r for r in rows.values() if r.error and r.error_code != SKIPPED]
     assert len(scored) == 5 and len(failed) == 1  # the instance that is not an image
@@ -634,3 +638,15 @@ def test_a_film_header_is_read_within_the_decoders_bounds() -> None:
     assert "PixelData" not in header and header.Rows == 64
     assert read_header(dicom_deflate_bomb(128)) is None
     assert read_header(b"DICM but not really") is None
+
+
+@pacs_test
+def test_ignore_headers_retrieves_every_film(
+    pacs: Orthanc, study: tuple[str, Path], tiny_model: Path, tmp_path: Path
+) -> None:
+    uid, _ = study
+    out = tmp_path / "all.csv"
+    score_pacs(settings(pacs), Query(study_uid=uid), out, tiny_model, workers=1, use_headers=False)
+    rows = read_rows(out)
+    assert len(rows) == 8 and not [r for r in rows if r.error_code == SKIPPED]
+    assert sum(r.prediction is not None for r in rows) == 7  # all but the one without pixels

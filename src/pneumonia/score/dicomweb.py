@@ -1,9 +1,10 @@
 """Films from a PACS over DICOMweb: ``pneumonia score dicomweb:<base URL>``.
 
 QIDO-RS finds the CR and DX instances (optionally of one study date range, study or accession
-number); frontal chest films (BodyPartExamined CHEST and ViewPosition PA or AP, each where the
-PACS records it) are retrieved with WADO-RS and scored like any other file, the rest become
-rows saying why they were skipped. The key of a row is ``STUDY_UID/SERIES_UID/SOP_UID``.
+number); those whose BodyPartExamined or ViewPosition names another body part or a lateral view
+(the frontal-chest check's header rule, pneumonia.frontal) become rows saying why they were
+skipped, unretrieved; the others are retrieved with WADO-RS and scored like any other file.
+The key of a row is ``STUDY_UID/SERIES_UID/SOP_UID``.
 
 The connection (:class:`DicomWebSettings`): credentials from the environment (basic or
 bearer), TLS verified (a private CA through ``DICOMWEB_CA_BUNDLE``; there is no switch to turn
@@ -46,8 +47,6 @@ RETRIES = 3
 RETRY_STATUSES = (429, 502, 503, 504)
 #: Modalities of projection radiographs; QIDO matches one value at a time.
 MODALITIES = ("CR", "DX")
-FRONTAL_VIEWS = ("PA", "AP")
-CHEST = "CHEST"
 #: Error code of a row that was found but is not a frontal chest film.
 SKIPPED = "skipped_not_frontal_chest"
 #: Error code of a row whose file could not be retrieved (the server answered, with an error).
@@ -240,15 +239,22 @@ class Instance:
         return f"{self.study_date}{self.study_time}"
 
     def skip_reason(self) -> str | None:
-        """Why this is not a frontal chest film, or None. An attribute the PACS does not
-        record does not count against it (many CR/DX archives leave both empty)."""
-        body = self.body_part.strip().upper()
-        view = self.view.strip().upper()
-        if body and body != CHEST:
-            return f"BodyPartExamined is {body}, not {CHEST}"
-        if view and view not in FRONTAL_VIEWS:
-            return f"ViewPosition is {view}, not {' or '.join(FRONTAL_VIEWS)}"
-        return None
+        """Why this is not a frontal chest film by what the PACS records, or None.
+
+        The frontal-chest check's own header rule (:func:`pneumonia.frontal.header_reasons`,
+        its one owner) applied to the QIDO answer, so that a film it would refuse after
+        retrieval is not retrieved: a body part or view it positively names as another (HAND,
+        LL); an attribute the PACS leaves empty, or a value the rule does not know, does not
+        count against the film (the image check then judges it).
+        """
+        from pneumonia._decode.base import DecodeStats, HeaderFacts
+        from pneumonia.frontal import header_reasons
+
+        facts = HeaderFacts.read(
+            {"BodyPartExamined": self.body_part, "ViewPosition": self.view}.get
+        )
+        reasons = header_reasons(DecodeStats(None, facts))
+        return "; ".join(reasons) if reasons else None
 
     @classmethod
     def from_qido(cls, record: Mapping[str, Any]) -> Instance:
@@ -365,6 +371,8 @@ class DicomWebSource:
             :meth:`pop_header`; the reports written back need them.
         keep_files: Keep each retrieved file until :meth:`pop_file` (for heatmaps); at most
             the films in flight between retrieval and the job's hook.
+        use_headers: Skip what the PACS records as not a frontal chest film (False:
+            ``--ignore-headers``, retrieve and let the image check judge everything).
     """
 
     settings: DicomWebSettings
@@ -372,6 +380,7 @@ class DicomWebSource:
     fetch_threads: int = 4
     keep_headers: bool = False
     keep_files: bool = False
+    use_headers: bool = True
     headers: dict[str, Dataset] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     key_name: ClassVar[str] = "instance"
@@ -429,8 +438,11 @@ class DicomWebSource:
             raise RetrieveError(f"WADO-RS answered {len(parts)} parts for one instance")
         return parts[0]
 
+    def _skip(self, inst: Instance) -> str | None:
+        return inst.skip_reason() if self.use_headers else None
+
     def _item(self, inst: Instance, fetched: Future[bytes] | None) -> Item:
-        reason = inst.skip_reason()
+        reason = self._skip(inst)
         if reason is not None:
             return Item(inst.key, error=f"{SKIPPED}: {reason}")
         assert fetched is not None
@@ -453,7 +465,7 @@ class DicomWebSource:
         window: deque[tuple[Instance, Future[bytes] | None]] = deque()
         try:
             for inst in todo:
-                fut = None if inst.skip_reason() else pool.submit(self.retrieve, inst)
+                fut = None if self._skip(inst) else pool.submit(self.retrieve, inst)
                 window.append((inst, fut))
                 if len(window) > 2 * self.fetch_threads:
                     yield self._item(*window.popleft())

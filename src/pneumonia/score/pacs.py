@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pneumonia.guard import NOT_A_CHEST_XRAY
+from pneumonia.guard import REFUSED_OUTCOMES
 from pneumonia.labels import LABELS
 from pneumonia.score.dicomweb import SKIPPED, DicomWebSettings, DicomWebSource, Query
 from pneumonia.score.job import ScoreSummary, score_archive
@@ -78,7 +78,7 @@ def study_rows(out: Path) -> list[dict[str, Any]]:
 
     ``study_prediction`` is PNEUMONIA if any film of the study is, NORMAL if every scored
     film is NORMAL, empty if none was scored; ``refused`` counts the films the input check
-    found are not chest X-rays, ``errors`` every other error but the skipped films.
+    found are not (frontal) chest X-rays, ``errors`` every other error but the skipped films.
     """
     studies: dict[str, dict[str, Any]] = defaultdict(
         lambda: {c: 0 for c in STUDY_COLUMNS if c not in ("study", "max_p_pneumonia")}
@@ -95,7 +95,7 @@ def study_rows(out: Path) -> list[dict[str, Any]]:
             top[study] = max(top.get(study, 0.0), row.p_pneumonia)
         elif code == SKIPPED:
             s["skipped"] += 1
-        elif code == NOT_A_CHEST_XRAY:
+        elif code in REFUSED_OUTCOMES:
             s["refused"] += 1
         else:
             s["errors"] += 1
@@ -149,7 +149,12 @@ def score_pacs(
     if heatmaps and not write_back:
         raise ScoreError("--write-heatmap goes with --write-back")
     source = DicomWebSource.open(
-        settings, query, fetch_threads=fetch_threads, keep_headers=write_back, keep_files=heatmaps
+        settings,
+        query,
+        fetch_threads=fetch_threads,
+        keep_headers=write_back,
+        keep_files=heatmaps,
+        use_headers=job.get("use_headers", True),
     )
     log.info("%d CR/DX instances found at %s", len(source.instances), settings.url)
     writer = ReportWriter(source, settings, heatmaps) if write_back else None

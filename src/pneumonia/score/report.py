@@ -9,9 +9,9 @@ measurement P(PNEUMONIA) and one of the threshold (unit ``1``), and qualitative 
 for the label (Pneumonia present when PNEUMONIA, absent when NORMAL) and the input check's
 outcome. A Comprehensive SR rather than Comprehensive 3D: there are no 3-D coordinates.
 
-Films the input check refuses get no report: "not a chest X-ray" is not a finding about the
-patient, and a report in the study would look like a read. Their rows say so in OUT, and the
-per-study summary counts them. Films it scores but flags (``unlike_training``) get a report
+Films the input check refuses get no report: "not a (frontal) chest X-ray" is not a finding
+about the patient, and a report in the study would look like a read. Their rows say so in OUT,
+and the per-study summary counts them. Films it scores but flags (``unlike_training``) get a report
 that carries the flag.
 
 The report's UIDs come from the model's weights digest and the source film's UIDs (``2.25`` and
@@ -207,6 +207,7 @@ INPUT_CHECK_MEANINGS = {
     "typical": "Typical of the films the model was validated on",
     "unlike_training": "Unlike the films the model was validated on",
     "not_a_chest_xray": "Not a chest X-ray (scored with --flag-only)",
+    "not_a_frontal_chest_xray": "Not a frontal chest X-ray (scored with --flag-only)",
 }
 
 
