@@ -124,12 +124,20 @@ def test_multipart_answer_is_split_into_its_parts() -> None:
         _multipart_parts(ctype, body[: body.rindex(b"\r\n--XyZ--")])
 
 
-def test_report_uids_depend_on_the_weights_and_the_film_only() -> None:
+def test_report_uids_depend_on_the_weights_operating_point_and_film_only() -> None:
     header = pydicom.Dataset()
     header.SeriesInstanceUID, header.SOPInstanceUID = "1.2.3", "1.2.3.4"
-    a = ModelIdentity("m", "1", "a" * 64)
-    assert report_uids(a, header) == report_uids(ModelIdentity("renamed", "2", "a" * 64), header)
-    assert report_uids(a, header) != report_uids(ModelIdentity("m", "1", "b" * 64), header)
+    a = ModelIdentity("m", "1", "a" * 64, "1.0/0.0/0.5")
+    assert report_uids(a, header) == report_uids(
+        ModelIdentity("renamed", "2", "a" * 64, "1.0/0.0/0.5"), header
+    )
+    assert report_uids(a, header) != report_uids(
+        ModelIdentity("m", "1", "b" * 64, "1.0/0.0/0.5"), header
+    )
+    # A site model recalibrated on the same weights answers differently: its own reports.
+    assert report_uids(a, header) != report_uids(
+        ModelIdentity("m", "1", "a" * 64, "1.2/0.3/0.6"), header
+    )
     series, sop = report_uids(a, header)
     assert series != sop and sop.startswith("2.25.") and len(sop) <= 64
     assert derived_uid("x", "y") == derived_uid("x", "y") != derived_uid("xy")

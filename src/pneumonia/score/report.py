@@ -14,7 +14,8 @@ about the patient, and a report in the study would look like a read. Their rows 
 and the per-study summary counts them. Films it scores but flags (``unlike_training``) get a report
 that carries the flag.
 
-The report's UIDs come from the model's weights digest and the source film's UIDs (``2.25`` and
+The report's UIDs come from the model's weights digest and operating point and the source
+film's UIDs (``2.25`` and
 a name-based UUID of them), so storing the report of the same film by the same model twice
 replaces nothing and adds nothing.
 
@@ -53,11 +54,23 @@ SERIES_DESCRIPTION = "Pneumonia model report (not verified by a radiologist)"
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a report says about the model that wrote it."""
+    """What a report says about the model that wrote it.
+
+    ``operating_point`` (temperature, bias and threshold) joins the weights digest in the
+    reports' UIDs: a site model recalibrated on the same weights gives other probabilities and
+    labels, so its reports must not share UIDs with the base model's (a PACS keeps the first
+    copy of a UID), while a card rewrite that changes neither keeps them.
+    """
 
     name: str
     version: str
     weights_sha256: str
+    operating_point: str = ""
+
+    @property
+    def uid_key(self) -> str:
+        """What the reports' UIDs derive from: the weights and the operating point."""
+        return f"{self.weights_sha256}/{self.operating_point}"
 
 
 def model_identity(predictor: Predictor) -> ModelIdentity:
@@ -77,7 +90,8 @@ def model_identity(predictor: Predictor) -> ModelIdentity:
             f"model {predictor.path} has no weights digest (got {digest!r}); re-export it with "
             "`pneumonia export` to write reports back"
         )
-    return ModelIdentity(identity["name"], identity["version"], digest)
+    point = f"{predictor.temperature!r}/{predictor.bias!r}/{predictor.threshold!r}"
+    return ModelIdentity(identity["name"], identity["version"], digest, point)
 
 
 #: Namespace of the name-based UUIDs under the reports' ``2.25`` UIDs (any fixed UUID would do;
@@ -98,14 +112,14 @@ def derived_uid(*parts: str) -> str:
 def report_uids(model: ModelIdentity, header: Dataset) -> tuple[str, str]:
     """(series, SOP instance) UIDs of the report on ``header``'s film by ``model``."""
     return (
-        derived_uid("pneumonia-report-series", model.weights_sha256, str(header.SeriesInstanceUID)),
-        derived_uid("pneumonia-report", model.weights_sha256, str(header.SOPInstanceUID)),
+        derived_uid("pneumonia-report-series", model.uid_key, str(header.SeriesInstanceUID)),
+        derived_uid("pneumonia-report", model.uid_key, str(header.SOPInstanceUID)),
     )
 
 
 def heatmap_uid(model: ModelIdentity, header: Dataset) -> str:
     """SOP instance UID of the heatmap Secondary Capture of ``header``'s film by ``model``."""
-    return derived_uid("pneumonia-heatmap", model.weights_sha256, str(header.SOPInstanceUID))
+    return derived_uid("pneumonia-heatmap", model.uid_key, str(header.SOPInstanceUID))
 
 
 def _orientation(header: Dataset) -> tuple[str, str] | None:
@@ -239,7 +253,7 @@ def build_report(header: Dataset, row: ScoreRow, model: ModelIdentity) -> Datase
         parameters=[f"weights sha256 {model.weights_sha256}", f"threshold {row.threshold!r}"],
     )
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("pneumonia-model", model.weights_sha256),
+        uid=derived_uid("pneumonia-model", model.uid_key),
         name=model.name,
         manufacturer_name=MANUFACTURER,
         model_name=f"{model.name} {model.version}",
@@ -270,7 +284,7 @@ def build_report(header: Dataset, row: ScoreRow, model: ModelIdentity) -> Datase
         )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid("pneumonia-finding", model.weights_sha256, str(header.SOPInstanceUID)),
+            uid=derived_uid("pneumonia-finding", model.uid_key, str(header.SOPInstanceUID)),
             identifier="Pneumonia classification of the whole film",
         ),
         finding_type=c["pneumonia"],
