@@ -177,10 +177,9 @@ def main() -> int:
 
     film_sets: dict[str, list[Path]] = {}
     if a.run:
-        from pneumonia.training.guard_fit import run_split
+        from pneumonia.training.guard_fit import recorded_split
 
-        _, val, _, _ = run_split(a.run, None)
-        film_sets["validation"] = [s.path for s in val]
+        film_sets["validation"] = [s.path for s in recorded_split(a.run).val]
     if a.data:
         from pneumonia.data import list_split, resolve_split
 

@@ -31,7 +31,8 @@ from pneumonia.preprocess import ImageError, preprocess_image
 from pneumonia.shifts import zoom_out
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.effnet import LITE0_STAGES, EfficientNetLite0, pooled_stats
-from pneumonia.training.guard_fit import run_split
+from pneumonia.training.guard_fit import recorded_split
+from pneumonia.training.run import RunFolder
 from pneumonia.training.stress import SITE_SHIFTS, perturbed_batches
 from pneumonia.training.train import load_member
 
@@ -74,14 +75,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig.load(a.run / "config.json")
-    net = load_member(a.run / "member-0" / "best.pt")
+    run = RunFolder(a.run)
+    cfg = TrainConfig.load(run.config)
+    net = load_member(run.checkpoints()[0])
     if not isinstance(net, EfficientNetLite0):
         raise SystemExit(
             "guard_layers compares EfficientNet-Lite0 stages; this run is another arch"
         )
     spec = cfg.preprocess
-    train, val, _, _ = run_split(a.run)
+    split = recorded_split(a.run)
+    train, val = split.train, split.val
     rng = np.random.default_rng(0)
     pick = rng.permutation(len(train))[: a.train_films]
     log(f"embedding {len(pick)} training and {len(val)} validation films")

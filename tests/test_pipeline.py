@@ -30,11 +30,12 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
     from pneumonia.data import list_split, load_images
     from pneumonia.predictor import Predictor
     from pneumonia.training.model import EnsembleForExport
-    from pneumonia.training.train import CHECKPOINT, load_member, member_dirs
+    from pneumonia.training.run import RunFolder
+    from pneumonia.training.train import load_member
 
     pred = Predictor(tiny_model)
     x = load_images(list_split(synthetic_root / "test"), pred.spec).x
-    members = [load_member(d / CHECKPOINT) for d in member_dirs(tiny_run)]
+    members = [load_member(p) for p in RunFolder(tiny_run).checkpoints()]
     assert len(members) == 2  # the default config is an ensemble of two
     net = EnsembleForExport(members).eval()
     with torch.no_grad():

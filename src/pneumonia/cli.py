@@ -108,13 +108,16 @@ def _resume_args(a: argparse.Namespace) -> tuple[TrainConfig, Path, Path] | str:
     ]
     if given:
         return f"--resume goes on as RUN_DIR/config.json says; drop {', '.join(given)}"
+    from pneumonia.training.run import RunFolder
+
     run = a.resume
-    if not (run / "config.json").is_file():
-        return f"{run} has no config.json: not a training run folder"
-    cfg = TrainConfig.load(run / "config.json").with_overrides(threads=a.threads)
+    folder = RunFolder(run)
+    if not folder.config.is_file():
+        return f"{run} has no {folder.config.name}: not a training run folder"
+    cfg = TrainConfig.load(folder.config).with_overrides(threads=a.threads)
     data = a.data
-    if data is None and (run / "data.json").is_file():
-        data = Path(json.loads((run / "data.json").read_text())["data_root"])
+    if data is None and folder.data.is_file():
+        data = Path(folder.read_data()["data_root"])
     if data is None:
         return f"{run} stopped before it recorded its data; pass --data"
     return cfg, data, run
@@ -371,6 +374,7 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
     import torch
 
     from pneumonia.training.guard_fit import fit_run_guard
+    from pneumonia.training.run import RunFolder
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -379,7 +383,7 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
     print(
         json.dumps(
             {
-                "guard": str(a.run_dir / "guard.json"),
+                "guard": str(RunFolder(a.run_dir).guard),
                 **{
                     k: s[k]
                     for k in (

@@ -33,6 +33,13 @@ from pneumonia.predictor import (
     sha256_file,
 )
 from pneumonia.training.config import TrainConfig
+from pneumonia.training.run import (
+    RunFolder,
+    SplitRecordError,
+    check_split_digest,
+    read_environment,
+    run_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +127,79 @@ def _model_card(
         validation_metrics=calib["validation"],
         stressed_validation=calib.get("stressed_validation"),
         input_check=input_check,
-        versions={
-            "pneumonia": __version__,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
+        versions=card_versions(
+            RunFolder(run_dir),
+            {
+                "pneumonia": __version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "python": platform.python_version(),
+            },
+        ),
         run_dir=run_dir.name,
     )
 
 
-#: File of a run folder holding the fitted input check (``pneumonia guard fit``).
-GUARD_FILE = "guard.json"
+def traced_graph(net: Any, input_shape: tuple[int, ...], output_names: list[str]) -> Any:
+    """``net`` traced to an ONNX graph (opset 17, batch axis free) and folded (an
+    ``onnx.ModelProto``): what export writes and what guard fit runs its films through."""
+    import tempfile
+
+    import onnx
+    import onnxscript.optimizer
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "net.onnx"
+        torch.onnx.export(
+            net,
+            (torch.rand(2, *input_shape),),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            dynamic_axes={INPUT_NAME: {0: "N"}, **{o: {0: "N"} for o in output_names}},
+            opset_version=17,
+            dynamo=False,
+        )
+        proto = onnx.load(str(path))
+    # Fold what the tracer left as run-time arithmetic (the pads of the stride-2 "SAME"
+    # convolutions are reversed with a step -1 Slice that torch's folding skips), so
+    # onnxruntime sees constants it can fuse: EfficientNet-Lite0 runs about 1.6x faster.
+    return onnxscript.optimizer.optimize(proto)
+
+
+def card_versions(run: RunFolder, export: dict[str, str]) -> dict[str, str]:
+    """The card's ``versions``: the exporting process's (``export``), then each recorded stage
+    of the run's ``environment.json`` as ``STAGE.PACKAGE`` (``train.torch``,
+    ``train.threads``, ``guard_fit.onnxruntime``, ...): the versions that made the weights,
+    calibration and input check, not those of the machine that happened to export them."""
+    versions = dict(export)
+    for stage, env in read_environment(run).items():
+        versions.update({f"{stage}.{k}": v for k, v in env.items()})
+    return versions
+
+
+def check_run_split(run: RunFolder, calib: dict[str, Any]) -> None:
+    """Refuse to export a run whose calibration or input check was made on another split
+    than its record (``split.json``); runs that predate split records pass unchecked.
+
+    Raises:
+        SplitRecordError: the record was edited, or a stage used another split.
+    """
+    if not run.split.is_file():
+        log.warning("%s predates split records: its split is not checked", run.path)
+        return
+    cfg = TrainConfig.load(run.config)
+    split = run_split(run, cfg, films=False)
+    check_split_digest(str(run.calibration), calib.get("data", {}).get("split_sha256"), split)
+    if calib.get("data", {}).get("split_sha256") is None:
+        raise SplitRecordError(
+            f"{run.calibration} names no split; rerun `pneumonia calibrate {run.path}`"
+        )
+    if run.guard.is_file():
+        fitted = json.loads(run.guard.read_text()).get("fitted", {})
+        check_split_digest(str(run.guard), fitted.get("split_sha256"), split)
 
 
 def load_run_guard(run_dir: Path) -> FeatureGuard | None:
@@ -141,9 +208,8 @@ def load_run_guard(run_dir: Path) -> FeatureGuard | None:
     Raises:
         ValueError: ``guard.json`` was fitted on other checkpoints (refit it).
     """
-    from pneumonia.training.train import member_dirs
-
-    path = run_dir / GUARD_FILE
+    run = RunFolder(run_dir)
+    path = run.guard
     if not path.is_file():
         log.warning(
             "%s is missing: the model is exported without the feature-space input check "
@@ -153,7 +219,7 @@ def load_run_guard(run_dir: Path) -> FeatureGuard | None:
         )
         return None
     guard = FeatureGuard.from_dict(json.loads(path.read_text()))
-    current = [sha256_file(d / "best.pt") for d in member_dirs(run_dir)]
+    current = [sha256_file(p) for p in run.checkpoints()]
     if guard.fitted.get("members_sha256") != current:
         raise ValueError(
             f"{path} was fitted on other checkpoints than the run's; rerun `pneumonia guard fit {run_dir}`"
@@ -181,15 +247,16 @@ def export_run(
     import torch
 
     from pneumonia.training.model import EnsembleForExport
-    from pneumonia.training.train import load_member, member_dirs
+    from pneumonia.training.train import load_member
 
     run_dir, out = Path(run_dir), Path(out)
-    cfg = TrainConfig.load(run_dir / "config.json")
-    calib_path = run_dir / "calibration.json"
-    if not calib_path.is_file():
-        raise FileNotFoundError(f"{calib_path} is missing; the training run did not finish")
-    calib = json.loads(calib_path.read_text())
-    members = [load_member(d / "best.pt") for d in member_dirs(run_dir)]
+    run = RunFolder(run_dir)
+    cfg = TrainConfig.load(run.config)
+    if not run.calibration.is_file():
+        raise FileNotFoundError(f"{run.calibration} is missing; the training run did not finish")
+    calib = json.loads(run.calibration.read_text())
+    check_run_split(run, calib)
+    members = [load_member(p) for p in run.checkpoints()]
     net = EnsembleForExport(members).eval()
     n_params = sum(p.numel() for p in net.parameters())
     name = name or f"pneumonia-{cfg.model.arch}"
@@ -204,26 +271,7 @@ def export_run(
     )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.rand(2, *cfg.preprocess.input_shape)
-    tmp = out.with_suffix(".tmp.onnx")
-    torch.onnx.export(
-        net,
-        (example,),
-        str(tmp),
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES_WITH_EMBEDDING),
-        dynamic_axes={INPUT_NAME: {0: "N"}, **{o: {0: "N"} for o in OUTPUT_NAMES_WITH_EMBEDDING}},
-        opset_version=17,
-        dynamo=False,
-    )
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
-    # Fold what the tracer left as run-time arithmetic (the pads of the stride-2 "SAME"
-    # convolutions are reversed with a step -1 Slice that torch's folding skips), so
-    # onnxruntime sees constants it can fuse: EfficientNet-Lite0 runs about 1.6x faster.
-    import onnxscript.optimizer
-
-    proto = onnxscript.optimizer.optimize(proto)
+    proto = traced_graph(net, cfg.preprocess.input_shape, list(OUTPUT_NAMES_WITH_EMBEDDING))
     del proto.metadata_props[:]
     proto.producer_name = "pneumonia-detection"
     proto.producer_version = __version__

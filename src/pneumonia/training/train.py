@@ -1,12 +1,4 @@
-"""The training loop. Writes a run folder:
-
-    RUN/config.json            the resolved TrainConfig
-    RUN/data.json              counts, skipped files, validation patients
-    RUN/member-<seed>/         history.json and best.pt (state dict + configs) per member, and
-                               last.pt: everything needed to resume after the last finished epoch
-    RUN/calibration.json       temperature and bias, threshold rule and threshold, validation
-                               metrics, and the stressed validation (per perturbation, worst case)
-    RUN/val_predictions.csv    validation file, label, ensemble logit and probability
+"""The training loop. Writes a run folder (its files: :mod:`pneumonia.training.run`).
 
 Every file is written atomically (pneumonia.atomic), so a run stopped at any moment leaves a
 readable folder, and ``train(..., resume=True)`` (``pneumonia train --resume RUN``) goes on
@@ -48,13 +40,21 @@ from pneumonia.progress import progress_bar
 from pneumonia.training.augment import augment_batch
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.model import ModelConfig, build_model
+from pneumonia.training.run import (
+    CHECKPOINT,
+    HISTORY,
+    LAST,
+    RecordedSplit,
+    RunFolder,
+    load_split,
+    record_environment,
+    record_split,
+    run_split,
+    split_params,
+)
 from pneumonia.training.stress import StressedScores, stressed_logits, stressed_report
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "best.pt"
-#: Per member, rewritten after every epoch: model, optimizer, step, RNG states, history, best.
-LAST = "last.pt"
 
 
 @dataclass
@@ -258,7 +258,7 @@ def train_member(
             )
         else:
             stale += 1
-        atomic.write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+        atomic.write_text(out / HISTORY, json.dumps(history, indent=1) + "\n")
         assert best is not None and best_key is not None
         _save_torch(
             {
@@ -341,15 +341,6 @@ def ensemble_stressed(members: list[nn.Module], val: LoadedImages, seed: int) ->
     )
 
 
-def member_dirs(run_dir: Path) -> list[Path]:
-    dirs = sorted(p for p in run_dir.glob("member-*") if (p / CHECKPOINT).is_file())
-    if not dirs:
-        raise FileNotFoundError(
-            f"{run_dir} holds no member-*/{CHECKPOINT}; is it a training run folder?"
-        )
-    return dirs
-
-
 def train(
     cfg: TrainConfig,
     data_root: Path,
@@ -371,12 +362,22 @@ def train(
         The calibration record written to ``out/calibration.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(out)
     if resume:
         for leftover in atomic.remove_leftovers(out):
             log.info("removed %s, half-written when the run stopped", leftover)
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
-    cfg.save(out / "config.json")
-    split = train_val_split(data_root, cfg.val_fraction, cfg.split_seed, cfg.max_images)
+    cfg.save(run.config)
+    record_environment(run, "train", torch.get_num_threads())
+    # Drawn once: a resumed run goes on with the split it recorded, never a new draw.
+    if resume and run.split.is_file():
+        split = load_split(run, data_root, split_params(cfg))
+    else:
+        drawn = train_val_split(data_root, cfg.val_fraction, cfg.split_seed, cfg.max_images)
+        digest = record_split(run, drawn, data_root, split_params(cfg))
+        split = RecordedSplit(
+            drawn.train, drawn.val, data_root, drawn.method, drawn.description, digest
+        )
     train_s, val_s = split.train, split.val
     train_d = load_images(train_s, cfg.preprocess, progress=progress)
     val_d = load_images(val_s, cfg.preprocess, progress=progress)
@@ -393,6 +394,7 @@ def train(
         "dataset": dataset.to_dict() if dataset is not None else None,
         "split": split.method,
         "split_description": split.description,
+        "split_sha256": split.sha256,
         "train": class_counts(train_d.y),
         "validation": class_counts(val_d.y),
         "train_patients": len({s.patient for s in train_d.samples}),
@@ -401,7 +403,7 @@ def train(
         # What a model could learn instead of the lungs (pneumonia data audit); in the card.
         "shortcuts": shortcut_table(train_s + val_s, progress=progress),
     }
-    atomic.write_text(out / "data.json", json.dumps(data_summary, indent=1) + "\n")
+    atomic.write_text(run.data, json.dumps(data_summary, indent=1) + "\n")
     log.info(
         "train %s, validation %s, skipped %d",
         data_summary["train"],
@@ -410,7 +412,7 @@ def train(
     )
 
     results = [
-        train_member(cfg, seed, train_d, val_d, out / f"member-{seed}", progress, resume)
+        train_member(cfg, seed, train_d, val_d, run.member(seed), progress, resume)
         for seed in cfg.seeds
     ]
     members = [
@@ -418,7 +420,7 @@ def train(
         for r in results
     ]
     device = resolve_device(cfg.device)
-    nets = [load_member(out / f"member-{r.seed}" / CHECKPOINT).to(device) for r in results]
+    nets = [load_member(run.member(r.seed) / CHECKPOINT).to(device) for r in results]
     stressed = ensemble_stressed(nets, val_d, cfg.stress_seed)
     summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
     return _write_calibration(cfg, out, val_d, stressed, members, summary)
@@ -496,13 +498,13 @@ def _write_calibration(
         "members": members,
         "data": data_summary,
     }
-    atomic.write_text(out / "calibration.json", json.dumps(record, indent=2) + "\n")
+    atomic.write_text(RunFolder(out).calibration, json.dumps(record, indent=2) + "\n")
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
     w.writerow(["path", "label", "logit", "probability"])
     for s, lab, z, p in zip(val_d.samples, val_d.y, logits, prob, strict=True):
         w.writerow([str(s.path), int(lab), f"{z:.6f}", f"{p:.6f}"])
-    atomic.write_text(out / "val_predictions.csv", rows.getvalue())
+    atomic.write_text(RunFolder(out).val_predictions, rows.getvalue())
     log.info("validation: %s", json.dumps(record["validation"]))
     log.info("stressed validation worst case: %s", json.dumps(stress["worst"]))
     return record
@@ -511,24 +513,30 @@ def _write_calibration(
 def calibrate_run(run_dir: Path, data_root: Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Redo calibration and threshold choice of a run from its checkpoints, without training.
 
-    Rebuilds the same patient-grouped validation split from the saved config (e.g. to apply
-    another threshold rule, or to finish a run that stopped after its members were trained).
+    Takes the validation films from the run's split record (e.g. to apply another threshold
+    rule, or to finish a run that stopped after its members were trained).
 
     Args:
         run_dir: A training run folder.
-        data_root: The training data; default: the path recorded in ``data.json``.
+        data_root: The training data; default: the path recorded in ``split.json``.
         **overrides: TrainConfig fields to change, e.g. ``min_sensitivity=0.97``.
+
+    Raises:
+        SplitRecordError: the split record was edited, or names films not under the data.
     """
-    cfg = TrainConfig.load(run_dir / "config.json").with_overrides(**overrides)
-    data_summary = json.loads((run_dir / "data.json").read_text())
-    root = Path(data_root or data_summary["data_root"])
-    val_s = train_val_split(root, cfg.val_fraction, cfg.split_seed, cfg.max_images).val
-    val_d = load_images(val_s, cfg.preprocess)
+    run = RunFolder(run_dir)
+    cfg = TrainConfig.load(run.config).with_overrides(**overrides)
+    data_summary = run.read_data()
+    split = run_split(run, cfg, data_root)
+    val_d = load_images(split.val, cfg.preprocess)
     members, nets = [], []
     device = resolve_device(cfg.device)
-    for d in member_dirs(run_dir):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    record_environment(run, "calibrate", torch.get_num_threads())
+    for d in run.members():
         ckpt = torch.load(d / CHECKPOINT, map_location="cpu", weights_only=True)
-        rows = {r["epoch"]: r for r in json.loads((d / "history.json").read_text())}
+        rows = {r["epoch"]: r for r in json.loads((d / HISTORY).read_text())}
         best = rows.get(ckpt["epoch"], {})
         members.append(
             {
@@ -539,7 +547,8 @@ def calibrate_run(run_dir: Path, data_root: Path | None = None, **overrides: Any
             }
         )
         nets.append(load_member(d / CHECKPOINT).to(device))
-    cfg.save(run_dir / "config.json")
+    cfg.save(run.config)
     summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
+    summary["split_sha256"] = split.sha256
     stressed = ensemble_stressed(nets, val_d, cfg.stress_seed)
-    return _write_calibration(cfg, run_dir, val_d, stressed, members, summary)
+    return _write_calibration(cfg, run.path, val_d, stressed, members, summary)
