@@ -22,7 +22,7 @@ RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
 
-.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test train export evaluate ship cards bench guard-bench site frontal-fit load \
+.PHONY: serve test test-fast lint ruff mypy venv install-serve install-test install-ship lock train export evaluate ship cards bench guard-bench site frontal-fit load \
 	container container-original clean
 
 $(BIN)/python:
@@ -78,25 +78,36 @@ evaluate: install-test
 	$(BIN)/pneumonia evaluate --model $(MODEL) --data $(DATA) --json $(EVAL)/test.json \
 		--markdown $(EVAL)/test.md --plots $(EVAL)/plots $(if $(wildcard $(RUN)/config.json),--run-dir $(RUN))
 
-# Rebuild everything under artifacts/ from the data: the shipped CNN (default config), the
-# logistic-regression baseline, their test-set reports and plots, and the model card.
-ship: install-test
-	$(BIN)/pneumonia train --data $(DATA) --dataset $(DATASET) --out runs/shipped --no-progress
-	$(BIN)/pneumonia guard fit runs/shipped --no-progress
-	$(BIN)/pneumonia export runs/shipped --out artifacts/model.onnx --version $(MODEL_VERSION)
-	$(BIN)/pneumonia evaluate --model artifacts/model.onnx --data $(DATA) --json artifacts/eval/test.json \
-		--markdown artifacts/eval/test.md --plots artifacts/eval/plots --run-dir runs/shipped \
-		--predictions artifacts/eval/predictions.csv --dataset $(DATASET) --ledger artifacts/test_looks.json
-	$(BIN)/pneumonia train --data $(DATA) --dataset $(DATASET) --out runs/baseline --arch logreg --size 192 \
-		--seeds 0 --epochs 24 --lr 2e-3 --schedule cosine --no-progress
-	$(BIN)/pneumonia guard fit runs/baseline --no-progress
-	$(BIN)/pneumonia export runs/baseline --out artifacts/baseline/model.onnx --version $(MODEL_VERSION)
-	$(BIN)/pneumonia evaluate --model artifacts/baseline/model.onnx --data $(DATA) \
-		--json artifacts/baseline/eval/test.json --markdown artifacts/baseline/eval/test.md \
-		--plots artifacts/baseline/eval/plots --run-dir runs/baseline --dataset $(DATASET) \
-		--ledger artifacts/test_looks.json
-	$(MAKE) guard-bench MODEL=artifacts/model.onnx RUN=runs/shipped
-	$(MAKE) cards
+# Rebuild the shipped model and its baseline from the data (benchmarks/ship.py), in their own
+# environment installed from the lock file (requirements/ship.lock, docs/training.md), timed
+# step by step into $(SHIP_OUT)/ship.json. By default a scratch folder: artifacts/ is only read,
+# to compare the rebuilt models with the published ones on the validation split, and the test
+# set is not scored. `make ship PUBLISH=1 MODEL_VERSION=3.0.0` also exports into artifacts/,
+# scores the test set once per model (a look recorded in artifacts/test_looks.json), reruns the
+# input-check benchmark and renders the cards.
+SHIP_OUT ?= runs/ship-$(shell date -u +%Y%m%d-%H%M%S)
+SHIP_VENV ?= .venv-ship
+SHIP_LOCK ?= requirements/ship.lock
+PUBLISH ?=
+
+$(SHIP_VENV)/.installed: $(SHIP_LOCK) pyproject.toml
+	$(PYTHON) -m venv $(SHIP_VENV)
+	$(SHIP_VENV)/bin/python -m pip install -r $(SHIP_LOCK)
+	$(SHIP_VENV)/bin/python -m pip install --no-deps -e .
+	touch $@
+
+install-ship: $(SHIP_VENV)/.installed
+
+ship: install-ship
+	$(SHIP_VENV)/bin/python benchmarks/ship.py --data $(DATA) --dataset $(DATASET) --out $(SHIP_OUT) \
+		--version $(MODEL_VERSION)$(if $(PUBLISH), --publish)
+
+# The lock file itself: every package of the train and plots extras at one version, resolved
+# by pip-tools (torch 2.13.0+cpu comes from a find-links folder or PyTorch's CPU index).
+lock: install-test
+	$(PIP) install pip-tools
+	$(BIN)/pip-compile -q --extra train --extra plots --strip-extras --no-emit-find-links \
+		--no-emit-index-url -o $(SHIP_LOCK) pyproject.toml
 
 # The committed Markdown cards, rendered from the model files, their test reports and the
 # test-look ledger (tests/test_card.py checks the committed ones are exactly this). Lean: no torch.
@@ -162,4 +173,4 @@ container-original:
 	$(PYTHON) benchmarks/container_original.py --json runs/container_original.json
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SHIP_VENV) build dist .pytest_cache .mypy_cache .ruff_cache
