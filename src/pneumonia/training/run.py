@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import platform
+import subprocess
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -136,17 +137,51 @@ def _version(dist: str) -> str:
         return "absent"
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    """The code's git commit (with ``-dirty`` for uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=here.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def environment(threads: int) -> dict[str, str]:
     """The versions that decide a run's numbers and the thread count it runs with.
 
     onnxruntime is here because the stressed validation (and so calibration and threshold)
-    runs through it on the CPU; the thread count because CPU kernels reduce in a different
-    order with another count.
+    runs through it on the CPU; the thread count, the CPU and the instruction set torch
+    dispatches to because CPU kernels reduce in another order with another count or another
+    vector width; the commit because nothing else names the code (``-dirty``: it had
+    uncommitted changes under src/pneumonia).
     """
     import torch
 
     return {
         "pneumonia": __version__,
+        "commit": _commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": _version("numpy"),
@@ -154,6 +189,8 @@ def environment(threads: int) -> dict[str, str]:
         "onnx": _version("onnx"),
         "onnxscript": _version("onnxscript"),
         "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "threads": str(threads),
     }
 

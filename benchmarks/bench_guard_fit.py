@@ -1,0 +1,111 @@
+"""How long the input-check fit (``pneumonia guard fit``) takes: onnxruntime (what it runs now)
+against torch's eager kernels (what it ran before issue 21), on the same run and films.
+
+A run of the shipped architecture (the default configuration: EfficientNet-Lite0, 160 px, one
+member) is trained on a subset of the data (``--max-images``, one epoch: the weights do not
+change the cost), or ``--run`` names one. The fit is then timed whole both ways, one after the
+other, and its feature passes counted (each training-split film once, each validation film as
+it is and under every simulated site shift). The shipped configuration's time is projected in
+proportion: its 22,507 feature passes (3,747 training films; 938 validation films, 20 ways).
+
+Usage (the figures in docs/benchmarks.md, "Input-check fit")::
+
+    .venv/bin/python benchmarks/bench_guard_fit.py --data ../shared/data/chest_xray \\
+        --max-images 300 --threads 2 --json runs/bench_guard_fit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: Feature passes of the shipped configuration's fit (docs/benchmarks.md).
+SHIPPED_PASSES = 22_507
+
+
+def _train(data: Path, out: Path, max_images: int, threads: int) -> None:
+    from pneumonia.training.config import TrainConfig
+    from pneumonia.training.train import train
+
+    cfg = TrainConfig(max_images=max_images, epochs=1, threads=threads)
+    train(cfg, data, out, progress=False)
+
+
+def _eager(net: Any, input_shape: tuple[int, ...], threads: int) -> Any:
+    """The pre-issue-21 path: the torch network, eagerly, a chunk at a time."""
+    from pneumonia.training.guard_fit import embed_inputs
+
+    return lambda x: embed_inputs(net, x)
+
+
+def time_fit(run: Path, engine: str, threads: int) -> float:
+    import torch
+
+    from pneumonia.training import guard_fit
+
+    torch.set_num_threads(threads)
+    original = guard_fit.onnx_features
+    if engine == "torch":
+        guard_fit.onnx_features = _eager  # type: ignore[assignment]
+    try:
+        t0 = time.perf_counter()
+        guard_fit.fit_run_guard(run)
+        return time.perf_counter() - t0
+    finally:
+        guard_fit.onnx_features = original
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray"))
+    ap.add_argument("--run", type=Path, help="an existing run (default: train one on a subset)")
+    ap.add_argument("--max-images", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from pneumonia.training.config import TrainConfig
+    from pneumonia.training.guard_fit import recorded_split
+    from pneumonia.training.run import RunFolder
+    from pneumonia.training.stress import SITE_SHIFTS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = a.run
+        if run is None:
+            run = Path(tmp) / "run"
+            t0 = time.perf_counter()
+            _train(a.data, run, a.max_images, a.threads)
+            print(f"trained a subset run in {time.perf_counter() - t0:.0f} s")
+        split = recorded_split(run)
+        passes = len(split.train) + len(split.val) * (1 + len(SITE_SHIFTS))
+        cfg = TrainConfig.load(RunFolder(run).config)
+        seconds = {engine: time_fit(run, engine, a.threads) for engine in ("onnxruntime", "torch")}
+    result = {
+        "arch": cfg.model.arch,
+        "size": cfg.preprocess.size,
+        "members": len(cfg.seeds),
+        "threads": a.threads,
+        "train_films": len(split.train),
+        "validation_films": len(split.val),
+        "feature_passes": passes,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "passes_per_second": {k: round(passes / v, 1) for k, v in seconds.items()},
+        "projected_shipped_minutes": {
+            k: round(v * SHIPPED_PASSES / passes / 60, 1) for k, v in seconds.items()
+        },
+        "speedup": round(seconds["torch"] / seconds["onnxruntime"], 2),
+    }
+    print(json.dumps(result, indent=1))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
