@@ -2,11 +2,12 @@
 against decoding each batch's films again every epoch in torch DataLoader workers.
 
 The default configuration's network and step (EfficientNet-Lite0, 160 px, batch 32, the
-training augmentation, AdamW) runs one epoch over ``--images`` training films both ways, one
-after the other. Reported per way: seconds to decode (decode-once: before the first epoch),
-seconds for the epoch, training images per second, and the seconds per epoch of the full
-training split (3,747 films, 118 batches) projected in proportion, for 4 epochs with the
-decode-once cost counted once.
+training augmentation, AdamW) runs one epoch over ``--images`` training films each way, the ways
+alternating for ``--rounds`` rounds (so both see the same load on a shared machine), each after
+one untimed warm-up step. Reported per way, the median over rounds: seconds to decode
+(decode-once: before the first epoch), seconds for the epoch, training images per second, and
+the seconds per epoch of the full training split (3,747 films, 118 batches) projected in
+proportion, for 4 epochs with the decode-once cost counted once.
 
 Usage (the figures in docs/benchmarks.md, "Training data loading")::
 
@@ -63,7 +64,12 @@ def _model(cfg: TrainConfig) -> tuple[Any, Any]:
     torch.manual_seed(0)
     model = build_model(cfg.model, load_pretrained=True)
     model.train()
-    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    # Untimed warm-up: the first step pays for allocating and choosing the kernels.
+    x = torch.rand(cfg.batch_size, *cfg.preprocess.input_shape)
+    y = torch.ones(cfg.batch_size)
+    _step(model, opt, cfg, x, y, torch.Generator().manual_seed(1))
+    return model, opt
 
 
 def decode_once(samples: list[Sample], cfg: TrainConfig) -> dict[str, float]:
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=320, help="training films (a subset)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -120,13 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         "decode once into memory": lambda: decode_once(samples, cfg),
         f"DataLoader, {a.workers} workers": lambda: workers(samples, cfg, a.workers),
     }
-    for name, fn in runs.items():
-        r = fn()
-        scale = FULL_TRAIN_FILMS / len(samples)
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for k in range(a.rounds):
+        for name, fn in runs.items():
+            rounds[name].append(fn())
+            print(f"round {k + 1}", name, json.dumps(rounds[name][-1]), flush=True)
+    scale = FULL_TRAIN_FILMS / len(samples)
+    for name, rs in rounds.items():
+        r = {k: float(np.median([x[k] for x in rs])) for k in rs[0]}
         r["images_per_second"] = len(samples) / r["epoch_seconds"]
         r["full_epoch_seconds"] = r["epoch_seconds"] * scale
         r["full_4_epochs_seconds"] = r["decode_seconds"] * scale + EPOCHS * r["full_epoch_seconds"]
         result[name] = {k: round(v, 1) for k, v in r.items()}
+        result[name]["epoch_seconds_each_round"] = [round(x["epoch_seconds"], 1) for x in rs]
         print(name, json.dumps(result[name]), flush=True)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
