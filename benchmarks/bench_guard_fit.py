@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from pneumonia.shifts import SITE_SHIFTS
     from pneumonia.training.config import TrainConfig
     from pneumonia.training.guard_fit import recorded_split
     from pneumonia.training.run import RunFolder
-    from pneumonia.training.stress import SITE_SHIFTS
 
     if not RunFolder(a.run).calibration.is_file():
         t0 = time.perf_counter()

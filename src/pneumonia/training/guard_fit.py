@@ -114,15 +114,15 @@ def shifted_features(
     features: Features, x: np.ndarray, seed: int, progress: bool = False
 ) -> dict[str, np.ndarray]:
     """``embedding`` rows of the validation inputs ``x`` under each of ``SITE_SHIFTS``."""
-    from pneumonia.training.stress import SITE_SHIFTS, perturbed_batches
+    from pneumonia.shifts import SITE_SHIFTS, shifted_batches
 
     names = progress_bar(
         list(SITE_SHIFTS), enabled=progress, desc="shifted validation films", unit="shift"
     )
     out = {}
     for name in names:
-        batches = perturbed_batches(x, name, seed, CHUNK, table=SITE_SHIFTS)
-        out[name] = np.concatenate([features(b.numpy()) for b in batches])
+        batches = shifted_batches(x, name, seed, CHUNK, table=SITE_SHIFTS)
+        out[name] = np.concatenate([features(b) for b in batches])
     return out
 
 
