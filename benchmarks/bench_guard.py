@@ -4,7 +4,7 @@ rates on chest films, plus what the check costs per image.
 - non-radiographs: the set benchmarks/nonradiographs.py builds (photos, pages, screenshots,
   uniform, gradient and noise images; colour and gray; JPEG and PNG), built into --nonxray
   if that folder does not exist yet;
-- validation films: the validation split of --run (reproduced from its config, as training
+- validation films: the validation split of --run (its split record, as training
   drew it; the thresholds were set on these films);
 - test films: --data ROOT/test, used here only to measure how many films the check accepts,
   never to set anything.

@@ -41,7 +41,8 @@ class TrainConfig:
         stress_seed: Seed of the stressed validation's random perturbations (noise).
         device: "auto" (CUDA when present, else CPU), "cpu" or "cuda".
         max_images: Use at most this many training images (for smoke tests); None for all.
-        threads: Torch CPU threads; None uses every core.
+        threads: Torch CPU threads; None uses every core. The count a run used is recorded in
+            its environment.json (another count gives other weights: docs/model.md).
     """
 
     preprocess: PreprocessSpec = field(
