@@ -192,11 +192,12 @@ def check_run_split(run: RunFolder, calib: dict[str, Any]) -> None:
         return
     cfg = TrainConfig.load(run.config)
     split = run_split(run, cfg, films=False)
-    check_split_digest(str(run.calibration), calib.get("data", {}).get("split_sha256"), split)
-    if calib.get("data", {}).get("split_sha256") is None:
+    calibrated_on = calib.get("data", {}).get("split_sha256")
+    if calibrated_on is None:
         raise SplitRecordError(
             f"{run.calibration} names no split; rerun `pneumonia calibrate {run.path}`"
         )
+    check_split_digest(str(run.calibration), calibrated_on, split)
     if run.guard.is_file():
         fitted = json.loads(run.guard.read_text()).get("fitted", {})
         check_split_digest(str(run.guard), fitted.get("split_sha256"), split)
