@@ -83,8 +83,9 @@ evaluate: install-test
 # step by step into $(SHIP_OUT)/ship.json. By default a scratch folder: artifacts/ is only read,
 # to compare the rebuilt models with the published ones on the validation split, and the test
 # set is not scored. `make ship PUBLISH=1 MODEL_VERSION=3.0.0` also exports into artifacts/,
-# scores the test set once per model (a look recorded in artifacts/test_looks.json), reruns the
-# input-check benchmark and renders the cards.
+# refits the shipped file's frontal-chest check (frontal-fit), scores the test set once per
+# model (a look recorded in artifacts/test_looks.json), reruns the input-check benchmark and
+# renders the cards.
 SHIP_OUT ?= runs/ship-$(shell date -u +%Y%m%d-%H%M%S)
 SHIP_VENV ?= .venv-ship
 SHIP_LOCK ?= requirements/ship.lock

@@ -5,8 +5,9 @@ Scratch mode (the default) writes only under ``--out``: the two training runs, t
 checks, their ONNX files, and each compared with the published file on the validation split
 (benchmarks/compare_models.py). It never writes artifacts/ and never scores the official test
 set. ``--publish`` then exports both runs into artifacts/, scores each once on the test set with
-``--ledger artifacts/test_looks.json`` (a recorded look), reruns the input-check benchmark and
-renders the cards: the old ``make ship``.
+``--ledger artifacts/test_looks.json`` (a recorded look), refits the shipped file's frontal-chest
+check (``make frontal-fit``, which needs ../shared/data), reruns the input-check benchmark and
+renders the cards.
 
 Every step's command and wall-clock seconds go to ``OUT/ship.json`` as it finishes, with the
 versions and CPU count, so the time in docs/model.md comes from the run's own record.
@@ -110,12 +111,21 @@ def ship(a: argparse.Namespace) -> dict[str, Any]:
     if not a.publish:
         return s.record
     # Publishing: a new model in artifacts/, and one recorded look at the test set each.
+    make = os.environ.get("MAKE", "make")
     for which in ("shipped", "baseline"):
         run, model, report = out / which, art / PUBLISHED[which], art / REPORTS[which]
         s.step(
             f"publish {which}",
             ["export", str(run), "--out", str(model), "--version", a.version],
         )
+        if which == "shipped":
+            # The frontal-chest check reads the new weights' features: fitted again for them
+            # and written into the file (its graph and weights untouched) before the test look.
+            s.step(
+                "frontal check shipped",
+                [make, "frontal-fit", f"MODEL={model}", f"DATA={a.data}"],
+                cli=False,
+            )
         s.step(
             f"test set {which}",
             ["evaluate", "--model", str(model), "--data", str(a.data)]
@@ -124,7 +134,6 @@ def ship(a: argparse.Namespace) -> dict[str, Any]:
             + (["--predictions", str(report / "predictions.csv")] if which == "shipped" else [])
             + ["--ledger", str(art / LEDGER)],
         )
-    make = os.environ.get("MAKE", "make")
     s.step(
         "input-check benchmark",
         [make, "guard-bench", f"MODEL={art / PUBLISHED['shipped']}", f"RUN={out / 'shipped'}"],
