@@ -255,3 +255,28 @@ def test_guard_fit_features_on_onnxruntime_are_the_torch_networks(run: RunFolder
     got = onnx_features(net, CONFIG.preprocess.input_shape, 1)(x)
     assert got.shape == want.shape
     assert float(np.abs(got - want).max()) <= PARITY_ATOL * max(1.0, float(np.abs(want).max()))
+
+
+def test_a_run_from_before_split_records_is_drawn_again_and_checked(
+    run: RunFolder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run folders written before split.json (the shipped v2's among them) still calibrate,
+    fit and export: their split is drawn again from the config and checked against the
+    validation patients their data.json recorded."""
+    from pneumonia.training.export import export_run
+    from pneumonia.training.guard_fit import fit_run_guard
+    from pneumonia.training.train import calibrate_run
+
+    copy = _copy(run, tmp_path)
+    copy.split.unlink()
+    data = copy.read_data()
+    del data["split_sha256"]
+    copy.data.write_text(json.dumps(data))
+    calibrate_run(copy.path)
+    fit_run_guard(copy.path)
+    export_run(copy.path, tmp_path / "model.onnx")
+    assert "predates split records" in caplog.text
+    data["validation_patients"] = ["someone-else"]
+    copy.data.write_text(json.dumps(data))
+    with pytest.raises(SplitRecordError, match="is not the one"):
+        fit_run_guard(copy.path)
