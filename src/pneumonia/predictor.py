@@ -6,11 +6,11 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from pneumonia.preprocess import (
 )
 
 log = logging.getLogger(__name__)
+
+#: A check read from the model's metadata that reads the ``embedding`` output (its ``dim``).
+_Check = TypeVar("_Check", FeatureGuard, FrontalCheck)
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logit", "cam")
@@ -282,28 +285,10 @@ class Predictor:
                 self.path.name,
             )
             return None
-        if EMBEDDING_OUTPUT not in self.output_names:
-            raise ModelLoadError(
-                f"model {self.path} carries input check statistics but no '{EMBEDDING_OUTPUT}' output"
-            )
-        try:
-            guard = FeatureGuard.from_dict(json.loads(meta[GUARD_METADATA_KEY]))
-        except ValueError as exc:
-            raise ModelLoadError(f"model {self.path}: {exc}") from None
-        width = self.embedding_width
-        if width is not None and width != guard.dim:
-            raise ModelLoadError(
-                f"model {self.path} gives {width} features but its input check was fitted on {guard.dim}"
-            )
-        return guard
-
-    @property
-    def embedding_width(self) -> int | None:
-        """Width of the ``embedding`` output (None: no such output, or a symbolic width)."""
-        if EMBEDDING_OUTPUT not in self.output_names:
-            return None
-        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
-        return width if isinstance(width, int) else None
+        return self._embedding_check(
+            "input check statistics",
+            lambda: FeatureGuard.from_dict(json.loads(meta[GUARD_METADATA_KEY])),
+        )
 
     def _load_frontal(self, meta: dict[str, str]) -> FrontalCheck | None:
         """The fitted frontal-chest head, or None (then only DICOM headers say it)."""
@@ -314,20 +299,35 @@ class Predictor:
                 self.path.name,
             )
             return None
+        return self._embedding_check(
+            "frontal-chest check", lambda: FrontalCheck.from_json(meta[FRONTAL_METADATA_KEY])
+        )
+
+    def _embedding_check(self, what: str, parse: Callable[[], _Check]) -> _Check:
+        """A check stored beside the card that reads the ``embedding`` output: parsed, and its
+        width checked against the graph's; raises ModelLoadError naming what is wrong."""
         if EMBEDDING_OUTPUT not in self.output_names:
             raise ModelLoadError(
-                f"model {self.path} carries a frontal-chest check but no '{EMBEDDING_OUTPUT}' output"
+                f"model {self.path} carries a {what} but no '{EMBEDDING_OUTPUT}' output"
             )
         try:
-            check = FrontalCheck.from_json(meta[FRONTAL_METADATA_KEY])
+            check = parse()
         except ValueError as exc:
             raise ModelLoadError(f"model {self.path}: {exc}") from None
         width = self.embedding_width
         if width is not None and width != check.dim:
             raise ModelLoadError(
-                f"model {self.path} gives {width} features but its frontal-chest check reads {check.dim}"
+                f"model {self.path} gives {width} features but its {what} reads {check.dim}"
             )
         return check
+
+    @property
+    def embedding_width(self) -> int | None:
+        """Width of the ``embedding`` output (None: no such output, or a symbolic width)."""
+        if EMBEDDING_OUTPUT not in self.output_names:
+            return None
+        width = self.session.get_outputs()[self.output_names.index(EMBEDDING_OUTPUT)].shape[1]
+        return width if isinstance(width, int) else None
 
     @property
     def name(self) -> str:
