@@ -128,6 +128,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from pneumonia.training.config import TrainConfig
 
+    if a.nproc is not None and a.nproc < 1:
+        print(f"pneumonia train: error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
+        return 2
+    if a.nproc is not None and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_processes(a.nproc, a.argv)
     if a.resume is not None:
         resolved = _resume_args(a)
         if isinstance(resolved, str):
@@ -162,6 +167,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.no_augment:
         cfg = replace(cfg, augment=replace(cfg.augment, enabled=False))
     return _run_training(cfg, a.data, a.out, not a.no_progress, resume=False, dataset=a.dataset)
+
+
+def _launch_processes(nproc: int, argv: list[str]) -> int:
+    """Start this same command in ``nproc`` processes on this machine with torchrun (each sees
+    WORLD_SIZE and so trains its share instead of launching again)."""
+    import subprocess
+
+    # --nproc is dropped: torchrun's own parser would take it for its --nproc-per-node.
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "pneumonia.cli", *rest]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _run_training(
@@ -831,6 +856,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--max-images", type=int, help="subsample the training folder (smoke tests)")
     t.add_argument("--threads", type=int)
+    t.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel processes on this machine (torchrun; one per GPU with --device "
+        "cuda); --batch-size stays the global batch (docs/training.md)",
+    )
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)

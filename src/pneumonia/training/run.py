@@ -267,6 +267,12 @@ def _digest(method: str, train: list[list[Any]], val: list[list[Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def split_digest(split: TrainValSplit, root: Path) -> str:
+    """The digest :func:`record_split` records for ``split``, without writing (a training
+    process other than rank 0 checks its own draw against rank 0's with it)."""
+    return _digest(split.method, _rows(split.train, root), _rows(split.val, root))
+
+
 def record_split(run: RunFolder, split: TrainValSplit, root: Path, params: dict[str, Any]) -> str:
     """Write the split training drew to ``split.json``; returns its digest.
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pneumonia import atomic
 from pneumonia.audit import shortcut_table
 from pneumonia.calibration import calibrated_probability, fit_calibration, nll
 from pneumonia.card import DATASET_FILE, RULES, Dataset, ThresholdChoice, pick_threshold
-from pneumonia.data import LoadedImages, class_counts, load_images, train_val_split
+from pneumonia.data import LoadedImages, Sample, class_counts, load_images, train_val_split
 from pneumonia.evaluate import (
     brier,
     expected_calibration_error,
@@ -37,8 +38,10 @@ from pneumonia.evaluate import (
     threshold_metrics,
 )
 from pneumonia.progress import progress_bar
+from pneumonia.training import distributed
 from pneumonia.training.augment import augment_batch
 from pneumonia.training.config import TrainConfig
+from pneumonia.training.distributed import SINGLE, Dist
 from pneumonia.training.model import ModelConfig, build_model
 from pneumonia.training.run import (
     CHECKPOINT,
@@ -50,6 +53,7 @@ from pneumonia.training.run import (
     record_environment,
     record_split,
     run_split,
+    split_digest,
     split_params,
 )
 from pneumonia.training.stress import StressedScores, stressed_logits, stressed_report
@@ -66,9 +70,13 @@ class MemberResult:
     val_logits: np.ndarray
 
 
-def _balanced_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: float) -> torch.Tensor:
+def _balanced_bce(
+    logits: torch.Tensor, y: torch.Tensor, pos_weight: float, reduction: str = "mean"
+) -> torch.Tensor:
     # Weights positives by n_neg/n_pos so both classes pull equally (3:1 imbalance in train).
-    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight))
+    return F.binary_cross_entropy_with_logits(
+        logits, y, pos_weight=torch.tensor(pos_weight, device=logits.device), reduction=reduction
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,16 +163,25 @@ def train_member(
     out: Path,
     progress: bool,
     resume: bool = False,
+    dist: Dist = SINGLE,
 ) -> MemberResult:
     """Train one network with early stopping on validation AUC (ties: lower loss).
 
     After every epoch ``out/last.pt`` holds the whole loop state; with ``resume`` the loop
     starts from it (a member that had finished is not trained again).
+
+    Under several processes (``dist``) every process draws the same shuffle and augments the
+    same global batch of ``cfg.batch_size`` from the same generator, then trains on its share
+    (every ``world``-th image) in DistributedDataParallel, which averages the gradients: the
+    step is one process's step on the global batch. Rank 0 alone validates, decides and writes
+    ``out``; the others get its decisions and, on resume, its ``last.pt``.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    # Dropout draws on the global generator: another stream per process (rank 0's is seed's).
+    torch.manual_seed(seed + dist.rank)
     g = torch.Generator().manual_seed(seed)
-    device = resolve_device(cfg.device)
+    device = distributed.process_device(dist, resolve_device(cfg.device))
     model = build_model(cfg.model, load_pretrained=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_pos = int(train.y.sum())
@@ -180,8 +197,12 @@ def train_member(
     stale = 0
     step = 0
     first_epoch = 1
-    if resume and (out / LAST).is_file():
+    last = None
+    if resume and dist.is_main and (out / LAST).is_file():
         last = torch.load(out / LAST, map_location="cpu", weights_only=True)
+    if resume:
+        last = distributed.broadcast(dist, last)
+    if last is not None:
         if last["seed"] != seed:
             raise ValueError(f"{out / LAST} belongs to seed {last['seed']}, not {seed}")
         model.load_state_dict(last["model"])
@@ -191,18 +212,33 @@ def train_member(
         b = last["best"]
         best = MemberResult(seed, b["epoch"], b["val_auc"], b["val_loss"], b["val_logits"].numpy())
         _restore_rng_states(last["rng"], g)
+        by_rank = last.get("torch_rng_by_rank")
+        if dist.active:
+            if by_rank is None or len(by_rank) != dist.world:
+                raise ValueError(
+                    f"{out / LAST} was written by a run of {len(by_rank or [0])} process(es), "
+                    f"this one has {dist.world}; resume with as many processes as it started with"
+                )
+            torch.set_rng_state(by_rank[dist.rank])
         first_epoch = last["epoch"] + 1
         log.info("seed %d: resumed after epoch %d", seed, last["epoch"])
         if last["finished"]:
             return best
+    net: nn.Module = model
+    if dist.active:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
+        net.train()
         t0 = time.time()
         perm = torch.randperm(len(x_train), generator=g)
         batches = range(steps_per_epoch)
         bar = progress_bar(
             batches,
-            enabled=progress,
+            enabled=progress and dist.is_main,
             desc=f"seed {seed} epoch {epoch}/{cfg.epochs}",
             unit="batch",
             leave=False,
@@ -210,12 +246,24 @@ def train_member(
         running = 0.0
         for b in bar:
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm needs more than one image
+            if len(idx) < 2 * dist.world:  # BatchNorm needs more than one image a process
                 continue
-            xb = augment_batch(x_train[idx].clone(), cfg.augment, g).to(device)
+            xb = augment_batch(x_train[idx].clone(), cfg.augment, g)
+            yb = y_train[idx]
+            if dist.active:
+                mine = distributed.shard(dist, len(idx))
+                xb, yb = xb[mine], yb[mine]
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, warmup, cfg.lr, cfg.schedule)
-            loss = _balanced_bce(model(xb), y_train[idx].to(device), pos_weight)
+            logits = net(xb.to(device))
+            if len(idx) % dist.world:
+                # Unequal shares: each process's sum over the global count, times the world
+                # (DDP divides by it), gives the global batch's mean.
+                loss = (
+                    _balanced_bce(logits, yb.to(device), pos_weight, "sum") * dist.world / len(idx)
+                )
+            else:
+                loss = _balanced_bce(logits, yb.to(device), pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -223,70 +271,117 @@ def train_member(
             running += float(loss.detach())
             bar.set_postfix(loss=f"{running / (b + 1):.4f}")
         bar.close()
-        val_logits = predict_logits(model, val.x)
-        val_auc = roc_auc(val.y, val_logits)
-        val_loss = float(
-            _balanced_bce(
-                torch.from_numpy(val_logits), torch.from_numpy(val.y.astype(np.float64)), pos_weight
+        running = distributed.mean(dist, running)
+        torch_rng_by_rank = distributed.gather(dist, torch.get_rng_state())
+        if dist.is_main:
+            stale, best_key, best = _end_epoch(
+                cfg,
+                seed,
+                model,
+                opt,
+                val,
+                out,
+                pos_weight,
+                epoch,
+                t0,
+                running / steps_per_epoch,
+                history,
+                (stale, best_key, best),
+                step,
+                g,
+                torch_rng_by_rank if dist.active else None,
             )
-        )
-        row = {
-            "epoch": epoch,
-            "train_loss": running / steps_per_epoch,
-            "val_loss": val_loss,
-            "val_auc": val_auc,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": round(time.time() - t0, 1),
-        }
-        history.append(row)
-        log.info("seed %d epoch %d: %s", seed, epoch, json.dumps(row))
-        # Validation AUC saturates near 1 on this data, so AUC is compared to 3 decimals
-        # and ties go to the lower validation loss.
-        key = (round(val_auc, 3), -val_loss)
-        if best_key is None or key > best_key:
-            best_key, stale = key, 0
-            best = MemberResult(seed, epoch, val_auc, val_loss, val_logits)
-            _save_torch(
-                {
-                    "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "model_config": cfg.model.to_dict(),
-                    "preprocess": cfg.preprocess.to_dict(),
-                    "epoch": epoch,
-                    "seed": seed,
-                },
-                out / CHECKPOINT,
-            )
-        else:
-            stale += 1
-        atomic.write_text(out / HISTORY, json.dumps(history, indent=1) + "\n")
-        assert best is not None and best_key is not None
-        _save_torch(
-            {
-                "seed": seed,
-                "epoch": epoch,
-                "finished": stale >= cfg.patience or epoch == cfg.epochs,
-                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "stale": stale,
-                "history": history,
-                "best_key": list(best_key),
-                "best": {
-                    "epoch": best.best_epoch,
-                    "val_auc": best.val_auc,
-                    "val_loss": best.val_loss,
-                    "val_logits": torch.from_numpy(best.val_logits),
-                },
-                "rng": _rng_states(g),
-            },
-            out / LAST,
-        )
+        stale = distributed.broadcast(dist, stale)
         if stale >= cfg.patience:
-            best_epoch = best.best_epoch if best else 0
-            log.info("seed %d: early stop after epoch %d (best %d)", seed, epoch, best_epoch)
+            if dist.is_main and best is not None:
+                log.info(
+                    "seed %d: early stop after epoch %d (best %d)", seed, epoch, best.best_epoch
+                )
             break
+    best = distributed.broadcast(dist, best)
     assert best is not None
     return best
+
+
+def _end_epoch(
+    cfg: TrainConfig,
+    seed: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    val: LoadedImages,
+    out: Path,
+    pos_weight: float,
+    epoch: int,
+    t0: float,
+    train_loss: float,
+    history: list[dict[str, Any]],
+    state: tuple[int, tuple[float, float] | None, MemberResult | None],
+    step: int,
+    g: torch.Generator,
+    torch_rng_by_rank: list[torch.Tensor] | None,
+) -> tuple[int, tuple[float, float], MemberResult]:
+    """Validate, keep the best checkpoint and write the epoch's files (rank 0 alone)."""
+    stale, best_key, best = state
+    val_logits = predict_logits(model, val.x)
+    val_auc = roc_auc(val.y, val_logits)
+    val_loss = float(
+        _balanced_bce(
+            torch.from_numpy(val_logits), torch.from_numpy(val.y.astype(np.float64)), pos_weight
+        )
+    )
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_auc": val_auc,
+        "lr": opt.param_groups[0]["lr"],
+        "seconds": round(time.time() - t0, 1),
+    }
+    history.append(row)
+    log.info("seed %d epoch %d: %s", seed, epoch, json.dumps(row))
+    # Validation AUC saturates near 1 on this data, so AUC is compared to 3 decimals
+    # and ties go to the lower validation loss.
+    key = (round(val_auc, 3), -val_loss)
+    if best_key is None or key > best_key:
+        best_key, stale = key, 0
+        best = MemberResult(seed, epoch, val_auc, val_loss, val_logits)
+        _save_torch(
+            {
+                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "model_config": cfg.model.to_dict(),
+                "preprocess": cfg.preprocess.to_dict(),
+                "epoch": epoch,
+                "seed": seed,
+            },
+            out / CHECKPOINT,
+        )
+    else:
+        stale += 1
+    atomic.write_text(out / HISTORY, json.dumps(history, indent=1) + "\n")
+    assert best is not None and best_key is not None
+    record = {
+        "seed": seed,
+        "epoch": epoch,
+        "finished": stale >= cfg.patience or epoch == cfg.epochs,
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "stale": stale,
+        "history": history,
+        "best_key": list(best_key),
+        "best": {
+            "epoch": best.best_epoch,
+            "val_auc": best.val_auc,
+            "val_loss": best.val_loss,
+            "val_logits": torch.from_numpy(best.val_logits),
+        },
+        "rng": _rng_states(g),
+    }
+    if torch_rng_by_rank is not None:
+        # Each process's dropout stream, so a resumed distributed run draws as one never stopped.
+        record["torch_rng_by_rank"] = torch_rng_by_rank
+    _save_torch(record, out / LAST)
+    return stale, best_key, best
 
 
 def load_member(path: Path) -> nn.Module:
@@ -361,69 +456,138 @@ def train(
     Returns:
         The calibration record written to ``out/calibration.json``.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    dist = distributed.from_env()
+    joined = distributed.setup(dist, resolve_device(cfg.device))
+    record = _train(cfg, data_root, out, progress, resume, dataset, dist)
+    # Not on an error: a peer may be waiting elsewhere; the process ends and torchrun stops
+    # the others.
+    if joined:
+        distributed.teardown()
+    return record
+
+
+def _train(
+    cfg: TrainConfig,
+    data_root: Path,
+    out: Path,
+    progress: bool,
+    resume: bool,
+    dataset: Dataset | None,
+    dist: Dist,
+) -> dict[str, Any]:
     run = RunFolder(out)
-    if resume:
-        for leftover in atomic.remove_leftovers(out):
-            log.info("removed %s, half-written when the run stopped", leftover)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            for leftover in atomic.remove_leftovers(out):
+                log.info("removed %s, half-written when the run stopped", leftover)
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
-    cfg.save(run.config)
-    record_environment(run, "train", torch.get_num_threads())
-    # Drawn once: a resumed run goes on with the split it recorded, never a new draw.
-    if resume and run.split.is_file():
+    config_text = json.dumps(cfg.to_dict(), sort_keys=True)
+    distributed.check_agree(dist, "the training configuration", distributed.digest(config_text))
+    if dist.active and cfg.batch_size % dist.world:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is the global batch and must divide among the "
+            f"{dist.world} processes; pick a multiple of {dist.world}"
+        )
+    if dist.is_main:
+        cfg.save(run.config)
+        record_environment(run, "train", torch.get_num_threads())
+    # Drawn once: a resumed run goes on with the split it recorded, never a new draw. The other
+    # processes draw it from their own data; its digest must then be rank 0's.
+    if dist.is_main and resume and run.split.is_file():
         split = load_split(run, data_root, split_params(cfg))
     else:
         drawn = train_val_split(data_root, cfg.val_fraction, cfg.split_seed, cfg.max_images)
-        digest = record_split(run, drawn, data_root, split_params(cfg))
+        if dist.is_main:
+            digest = record_split(run, drawn, data_root, split_params(cfg))
+        else:
+            digest = split_digest(drawn, data_root)
         split = RecordedSplit(
             drawn.train, drawn.val, data_root, drawn.method, drawn.description, digest
         )
+    distributed.check_agree(dist, "the training and validation split", split.sha256)
     train_s, val_s = split.train, split.val
-    train_d = load_images(train_s, cfg.preprocess, progress=progress)
-    val_d = load_images(val_s, cfg.preprocess, progress=progress)
-    if len(set(val_d.y.tolist())) < 2 or len(set(train_d.y.tolist())) < 2:
-        raise ValueError("both the training and validation splits need images of both classes")
-    if dataset is None:
-        log.warning(
-            "no dataset descriptor (%s beside the data, or --dataset FILE): the model card will "
-            "say the training data's source is undeclared",
-            DATASET_FILE,
+    with distributed.node_cache(dist) as cache:
+        train_d = distributed.shared_images(dist, train_s, cfg.preprocess, cache, progress)
+        results = _train_members(
+            cfg, run, train_d, val_s, split, data_root, progress, resume, dataset, dist
         )
-    data_summary: dict[str, Any] = {
-        "data_root": str(data_root),
-        "dataset": dataset.to_dict() if dataset is not None else None,
-        "split": split.method,
-        "split_description": split.description,
-        "split_sha256": split.sha256,
-        "train": class_counts(train_d.y),
-        "validation": class_counts(val_d.y),
-        "train_patients": len({s.patient for s in train_d.samples}),
-        "validation_patients": sorted({s.patient for s in val_d.samples}),
-        "skipped": [[str(p), why] for p, why in train_d.skipped + val_d.skipped],
-        # What a model could learn instead of the lungs (pneumonia data audit); in the card.
-        "shortcuts": shortcut_table(train_s + val_s, progress=progress),
-    }
-    atomic.write_text(run.data, json.dumps(data_summary, indent=1) + "\n")
-    log.info(
-        "train %s, validation %s, skipped %d",
-        data_summary["train"],
-        data_summary["validation"],
-        len(data_summary["skipped"]),
-    )
+    record = None
+    if dist.is_main:
+        assert results is not None
+        val_d, data_summary, members = results
+        device = resolve_device(cfg.device)
+        nets = [load_member(run.member(m["seed"]) / CHECKPOINT).to(device) for m in members]
+        stressed = ensemble_stressed(nets, val_d, cfg.stress_seed)
+        summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
+        record = _write_calibration(cfg, out, val_d, stressed, members, summary)
+    record = distributed.broadcast(dist, record)
+    assert record is not None
+    return record
 
+
+def _train_members(
+    cfg: TrainConfig,
+    run: RunFolder,
+    train_d: LoadedImages,
+    val_s: list[Sample],
+    split: RecordedSplit,
+    data_root: Path,
+    progress: bool,
+    resume: bool,
+    dataset: Dataset | None,
+    dist: Dist,
+) -> tuple[LoadedImages, dict[str, Any], list[dict[str, Any]]] | None:
+    """Record the data (rank 0) and train every member; rank 0 gets (validation, data record,
+    members), the other processes None."""
+    if len(set(train_d.y.tolist())) < 2:
+        raise ValueError("both the training and validation splits need images of both classes")
+    val_d = LoadedImages(
+        np.zeros((0, *cfg.preprocess.input_shape), np.float32), np.zeros(0, np.int64), [], []
+    )
+    data_summary: dict[str, Any] = {}
+    if dist.is_main:
+        val_d = load_images(val_s, cfg.preprocess, progress=progress)
+        if len(set(val_d.y.tolist())) < 2:
+            raise ValueError("both the training and validation splits need images of both classes")
+        if dataset is None:
+            log.warning(
+                "no dataset descriptor (%s beside the data, or --dataset FILE): the model card "
+                "will say the training data's source is undeclared",
+                DATASET_FILE,
+            )
+        data_summary = {
+            "data_root": str(data_root),
+            "dataset": dataset.to_dict() if dataset is not None else None,
+            "split": split.method,
+            "split_description": split.description,
+            "split_sha256": split.sha256,
+            "train": class_counts(train_d.y),
+            "validation": class_counts(val_d.y),
+            "train_patients": len({s.patient for s in train_d.samples}),
+            "validation_patients": sorted({s.patient for s in val_d.samples}),
+            "skipped": [[str(p), why] for p, why in train_d.skipped + val_d.skipped],
+            # What a model could learn instead of the lungs (pneumonia data audit); in the card.
+            "shortcuts": shortcut_table(split.train + val_s, progress=progress),
+        }
+        atomic.write_text(run.data, json.dumps(data_summary, indent=1) + "\n")
+        log.info(
+            "train %s, validation %s, skipped %d",
+            data_summary["train"],
+            data_summary["validation"],
+            len(data_summary["skipped"]),
+        )
     results = [
-        train_member(cfg, seed, train_d, val_d, run.member(seed), progress, resume)
+        train_member(cfg, seed, train_d, val_d, run.member(seed), progress, resume, dist)
         for seed in cfg.seeds
     ]
+    if not dist.is_main:
+        return None
     members = [
         {"seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "val_loss": r.val_loss}
         for r in results
     ]
-    device = resolve_device(cfg.device)
-    nets = [load_member(run.member(r.seed) / CHECKPOINT).to(device) for r in results]
-    stressed = ensemble_stressed(nets, val_d, cfg.stress_seed)
-    summary = {k: v for k, v in data_summary.items() if k != "validation_patients"}
-    return _write_calibration(cfg, out, val_d, stressed, members, summary)
+    return val_d, data_summary, members
 
 
 #: Where the training run's threshold rule is applied (its ThresholdChoice).
