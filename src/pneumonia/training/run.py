@@ -195,8 +195,13 @@ def environment(threads: int) -> dict[str, str]:
     }
 
 
-def record_environment(run: RunFolder, stage: str, threads: int) -> dict[str, str]:
+def record_environment(
+    run: RunFolder, stage: str, threads: int, processes: int = 1
+) -> dict[str, str]:
     """Write this process's :func:`environment` under ``stage`` in ``environment.json``.
+
+    ``processes``: a data-parallel training's process count, recorded when above one (each
+    process's BatchNorm statistics make another count give other weights).
 
     A stage run again with other versions than it recorded (say a resumed training) logs a
     warning naming them: the result is then not the one those versions would give alone.
@@ -204,6 +209,8 @@ def record_environment(run: RunFolder, stage: str, threads: int) -> dict[str, st
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
     env = environment(threads)
+    if processes > 1:
+        env["processes"] = str(processes)
     records = read_environment(run)
     before = records.get(stage)
     if before is not None and before != env:

@@ -491,7 +491,7 @@ def _train(
         )
     if dist.is_main:
         cfg.save(run.config)
-        record_environment(run, "train", torch.get_num_threads())
+        record_environment(run, "train", torch.get_num_threads(), dist.world)
     # Drawn once: a resumed run goes on with the split it recorded, never a new draw. The other
     # processes draw it from their own data; its digest must then be rank 0's.
     if dist.is_main and resume and run.split.is_file():
