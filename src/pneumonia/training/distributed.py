@@ -167,6 +167,9 @@ def node_cache(d: Dist) -> Iterator[Path]:
     Local rank 0 makes it; the ranks of a machine are contiguous (torchrun), so each finds
     its machine's folder at rank ``rank - local_rank`` of the gathered paths.
     """
+    if not d.active:  # one process keeps its films in memory: no folder
+        yield Path(tempfile.gettempdir())
+        return
     made = tempfile.mkdtemp(prefix="pneumonia-train-") if d.local_rank == 0 else ""
     paths = gather(d, made)
     path = Path(paths[d.rank - d.local_rank])
