@@ -89,6 +89,7 @@ _TRAIN_CONFIG_FLAGS = (
     "lr",
     "schedule",
     "device",
+    "precision",
     "size",
     "patience",
     "batch_size",
@@ -157,6 +158,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         lr=a.lr,
         schedule=a.schedule,
         device=a.device,
+        precision=a.precision,
     )
     if a.arch:
         cfg = replace(
@@ -850,6 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["onecycle", "cosine"])
     t.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else the CPU"
+    )
+    t.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="training arithmetic; auto: bfloat16 autocast and channels-last on CUDA, float32 on the CPU",
     )
     t.add_argument("--size", type=int, help="input size in pixels")
     t.add_argument("--patience", type=int)

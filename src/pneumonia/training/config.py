@@ -40,6 +40,9 @@ class TrainConfig:
             ``min_sensitivity``; "min_sensitivity" and "youden" use the clean validation).
         stress_seed: Seed of the stressed validation's random perturbations (noise).
         device: "auto" (CUDA when present, else CPU), "cpu" or "cuda".
+        precision: Training arithmetic: "auto" (bfloat16 autocast and channels-last memory on
+            CUDA, float32 on CPU, where bfloat16 is slow on most processors), "fp32", or "bf16"
+            (autocast on either device). Evaluation, calibration and export stay float32.
         max_images: Use at most this many training images (for smoke tests); None for all.
         threads: Torch CPU threads; None uses every core. The count a run used is recorded in
             its environment.json (another count gives other weights: docs/model.md).
@@ -65,6 +68,7 @@ class TrainConfig:
     min_sensitivity: float = DEFAULT_MIN_SENSITIVITY
     stress_seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     max_images: int | None = None
     threads: int | None = None
 
@@ -82,6 +86,7 @@ class TrainConfig:
             "calibrate_on": ("stressed", "clean"),
             "threshold_rule": tuple(RULES),
             "device": ("auto", "cpu", "cuda"),
+            "precision": ("auto", "fp32", "bf16"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
