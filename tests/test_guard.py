@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import encode, jpeg_bytes, synthetic_xray
 from pneumonia.card import (
-    CARD_METADATA_KEY,
     read_model_card,
     read_sidecar,
     render_markdown,
@@ -294,13 +293,13 @@ def test_a_model_without_the_embedding_output_still_loads_with_image_checks_only
     proto.graph.output.extend(keep)
     old = tmp_path / "old.onnx"
     # The graph changed, so the card must name the new weights digest (pneumonia.card).
-    card, props, _ = read_model_card(tiny_model)
+    card, extra, _ = read_model_card(tiny_model)
     raw = proto.SerializeToString()
     write_model(
         old,
         raw,
         card.with_(weights_sha256=weights_digest(raw)),
-        {k: v for k, v in props.items() if k != CARD_METADATA_KEY},
+        extra,
     )
     p = Predictor(old)
     assert p.guard is None and p.output_names == ("logit", "cam")

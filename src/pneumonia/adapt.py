@@ -1177,8 +1177,7 @@ def adapt_model(
     card = adapted_card(predictor.card, record, guard, weights_digest(graph), predictor.sha256)
     # Every metadata entry the base carries (other checks on its features too) travels along;
     # the card and the input check are the site's.
-    _, props, _ = read_model_card(model)
-    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    _, extra, _ = read_model_card(model)
     extra[GUARD_METADATA_KEY] = json.dumps(guard.to_dict())
     blob = with_metadata(graph, {CARD_METADATA_KEY: card.to_json(), **extra})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ GUARD_METADATA_KEY = "input_guard"
 #: Key of the frontal-chest check (pneumonia.frontal.FrontalCheck.to_dict) in the same place:
 #: an entry of its own, which a card rewrite or a site model carries over untouched.
 FRONTAL_METADATA_KEY = "frontal_check"
+#: What a card says of a record it never had (a legacy card's weights digest, date, ...).
+NOT_RECORDED = "not recorded"
 #: The sidecar's extra fields: the identity of the file it describes.
 FILE_FIELDS = ("sha256", "file", "bytes")
 
@@ -98,14 +100,17 @@ def _pick_capped_youden(
     youden_y: np.ndarray | None,
     youden_p: np.ndarray | None,
 ) -> ThresholdPick:
-    from pneumonia.evaluate import capped_youden_threshold, choose_threshold
+    from pneumonia.evaluate import choose_threshold
 
-    t = capped_youden_threshold(y, p, min_sensitivity, youden_y, youden_p)
-    floor = choose_threshold(y, p, "min_sensitivity", min_sensitivity)
+    # Youden's J (on youden_y/p: a training run's pooled stressed validation), never above the
+    # highest threshold that keeps the sensitivity on (y, p) at least min_sensitivity.
     balanced = choose_threshold(
         y if youden_y is None else youden_y, p if youden_p is None else youden_p, "youden"
     )
-    return ThresholdPick(t, SENSITIVITY_FLOOR if floor < balanced else RULE_OPTIMUM)
+    floor = choose_threshold(y, p, "min_sensitivity", min_sensitivity)
+    if floor < balanced:
+        return ThresholdPick(floor, SENSITIVITY_FLOOR)
+    return ThresholdPick(balanced, RULE_OPTIMUM)
 
 
 @dataclass(frozen=True)
@@ -702,7 +707,7 @@ def upgrade_legacy(d: Mapping[str, Any]) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "name": d["name"],
         "version": d.get("version") or "unversioned",
-        "created": d.get("created") or "not recorded",
+        "created": d.get("created") or NOT_RECORDED,
         "labels": d["labels"],
         "positive_label": d.get("positive_label", LABELS[1]),
         "threshold": d["threshold"],
@@ -717,7 +722,7 @@ def upgrade_legacy(d: Mapping[str, Any]) -> dict[str, Any]:
         "input": d.get("input") or {"name": "image", "dtype": "float32"},
         "outputs": d.get("outputs") or {},
         "architecture": d.get("architecture") or {},
-        "weights_sha256": d.get("weights_sha256") or "not recorded",
+        "weights_sha256": d.get("weights_sha256") or NOT_RECORDED,
     }
     if out["threshold_rule"]["min_sensitivity"] is None:
         del out["threshold_rule"]["min_sensitivity"]
@@ -956,15 +961,17 @@ def write_model(
 
 
 def read_model_card(path: Path) -> tuple[ModelCard, dict[str, str], bytes]:
-    """(card, every metadata entry, the file's bytes) of an ONNX file; raises CardError."""
+    """(card, the other metadata entries, the file's bytes) of an ONNX file; raises CardError.
+
+    The other entries (the input check, ...) are what a rewrite of the card carries along."""
     raw = Path(path).read_bytes()
-    props = read_metadata(raw)
-    if CARD_METADATA_KEY not in props:
+    extra = read_metadata(raw)
+    if CARD_METADATA_KEY not in extra:
         raise CardError(f"{path} carries no model card; export it with `pneumonia export`")
-    card = ModelCard.from_json(props[CARD_METADATA_KEY])
-    if card.weights_sha256 == "not recorded":  # a card older than the digest
+    card = ModelCard.from_json(extra.pop(CARD_METADATA_KEY))
+    if card.weights_sha256 == NOT_RECORDED:  # a card older than the digest
         card = card.with_(weights_sha256=weights_digest(raw))
-    return card, props, raw
+    return card, extra, raw
 
 
 def rewrite_card(
@@ -976,8 +983,7 @@ def rewrite_card(
     Returns:
         The new sidecar.
     """
-    card, props, raw = read_model_card(model)
-    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    card, extra, raw = read_model_card(model)
     return write_model(out, raw, change(card), extra)
 
 

@@ -432,11 +432,12 @@ def cmd_guard_fit(a: argparse.Namespace) -> int:
 
 def cmd_card(a: argparse.Namespace) -> int:
     """Render a model file's card to Markdown, or rewrite its version or data set."""
+    import hashlib
+
     from pneumonia import atomic
     from pneumonia.card import (
         CardError,
         Dataset,
-        file_digests,
         read_model_card,
         render_markdown,
         rewrite_card,
@@ -463,8 +464,11 @@ def cmd_card(a: argparse.Namespace) -> int:
             )
             return 2
         card, _, raw = read_model_card(a.model)
-        digests = file_digests(a.model)
-        identity = {"sha256": digests.sha256, "file": a.model.name, "bytes": len(raw)}
+        identity = {
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "file": a.model.name,
+            "bytes": len(raw),
+        }
         del raw
         test = json.loads(a.report.read_text()) if a.report else None
         if test is not None and a.ledger is None:

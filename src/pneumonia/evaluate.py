@@ -195,30 +195,6 @@ def choose_threshold(
     raise ValueError(f"unknown threshold rule {rule!r}; expected 'min_sensitivity' or 'youden'")
 
 
-def capped_youden_threshold(
-    y: np.ndarray,
-    p: np.ndarray,
-    min_sensitivity: float,
-    youden_y: np.ndarray | None = None,
-    youden_p: np.ndarray | None = None,
-) -> float:
-    """The ``stressed_youden`` rule: Youden's J, lowered if needed to keep a sensitivity budget.
-
-    Args:
-        y: Labels the sensitivity budget is kept on.
-        p: Their scores.
-        min_sensitivity: The budget: never above the highest threshold whose sensitivity on
-            ``(y, p)`` is at least this.
-        youden_y: Labels Youden's J is maximised on (a training run: the pooled stressed
-            validation); default ``y``.
-        youden_p: Their scores; default ``p``.
-    """
-    balanced = choose_threshold(
-        y if youden_y is None else youden_y, p if youden_p is None else youden_p, "youden"
-    )
-    return min(balanced, choose_threshold(y, p, "min_sensitivity", min_sensitivity))
-
-
 def threshold_sweep(y: np.ndarray, p: np.ndarray, steps: int = 101) -> dict[str, list[Any]]:
     ts = np.linspace(0.0, 1.0, steps)
     rows = [threshold_metrics(y, p, float(t)) for t in ts]

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from pneumonia.card import (
-    CARD_METADATA_KEY,
     FRONTAL_METADATA_KEY,
     read_model_card,
     write_model,
@@ -421,8 +420,7 @@ def write_frontal_check(model_path: Path, check: FrontalCheck) -> None:
         raise ValueError(
             f"{model_path} gives '{EMBEDDING_OUTPUT}' of width {width}, the check reads {check.dim}"
         )
-    card, props, raw = read_model_card(model_path)
-    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
+    card, extra, raw = read_model_card(model_path)
     # The card says what the file carries: the check's summary beside the input check's.
     card = card.with_(input_check={**(card.input_check or {}), "frontal": check.summary()})
     write_model(model_path, raw, card, {**extra, FRONTAL_METADATA_KEY: check.to_json()})

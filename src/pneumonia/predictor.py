@@ -19,6 +19,7 @@ from pneumonia.card import (
     CARD_METADATA_KEY,
     FRONTAL_METADATA_KEY,
     GUARD_METADATA_KEY,
+    NOT_RECORDED,
     CardError,
     ModelCard,
     file_digests,
@@ -222,7 +223,7 @@ class Predictor:
             raise ModelLoadError(
                 f"model card in {self.path} is invalid: {exc}; re-export the model with `pneumonia export`"
             ) from None
-        if card.weights_sha256 == "not recorded":  # a card older than the digest
+        if card.weights_sha256 == NOT_RECORDED:  # a card older than the digest
             card = card.with_(weights_sha256=self.weights_sha256)
         elif card.weights_sha256 != self.weights_sha256:
             raise ModelLoadError(

@@ -29,7 +29,6 @@ import numpy as np
 
 from pneumonia.calibration import calibrated_probability, fit_calibration
 from pneumonia.card import (
-    CARD_METADATA_KEY,
     DEFAULT_MIN_SENSITIVITY,
     RULES,
     Calibration,
@@ -484,9 +483,8 @@ def recalibrate_model(
         "files_sha256": files_digest(keys),
         "skipped": len(loaded.skipped),
     }
-    _, props, raw = read_model_card(model)
+    _, extra, raw = read_model_card(model)
     new_card = site_card(card, result, site, predictor.sha256)
-    extra = {k: v for k, v in props.items() if k != CARD_METADATA_KEY}
     sidecar = write_model(out, raw, new_card, extra)
     Predictor(out, threads=1)  # the file must load as it will be served
     return {
