@@ -16,8 +16,9 @@ PIP := $(BIN)/python -m pip
 DATA ?= ../shared/data/chest_xray
 # What DATA is, for the model card and the test-look ledger (datasets/README.md).
 DATASET ?= datasets/kermany-2018.json
-# The model's own version in its card: a release sets it (docs/model.md), e.g. make ship MODEL_VERSION=3.0.0.
-MODEL_VERSION ?= 0.1.0
+# The model's own version in its card: a release sets it (docs/model.md), e.g. make ship MODEL_VERSION=3.0.0;
+# unset, pneumonia export's default.
+MODEL_VERSION ?=
 RUN ?= runs/cnn
 MODEL ?= $(RUN)/model.onnx
 EVAL ?= $(RUN)/eval
@@ -101,7 +102,7 @@ install-ship: $(SHIP_VENV)/.installed
 
 ship: install-ship
 	$(SHIP_VENV)/bin/python benchmarks/ship.py --data $(DATA) --dataset $(DATASET) --out $(SHIP_OUT) \
-		--version $(MODEL_VERSION)$(if $(PUBLISH), --publish)
+		$(if $(MODEL_VERSION),--version $(MODEL_VERSION))$(if $(PUBLISH), --publish)
 
 # The lock file itself: every package of the train and plots extras at one version, resolved
 # by pip-tools (torch 2.13.0+cpu comes from a find-links folder or PyTorch's CPU index).

@@ -85,6 +85,7 @@ def ship(a: argparse.Namespace) -> dict[str, Any]:
     s = Ship(out, a.publish)
     extra = shlex.split(a.train_args)
     dataset = ["--dataset", str(a.dataset)] if a.dataset else []
+    version = ["--version", a.version] if a.version else []
     for which, args in (("shipped", SHIPPED_ARGS), ("baseline", BASELINE_ARGS)):
         run = out / which
         model = out / which / "model.onnx"
@@ -96,7 +97,7 @@ def ship(a: argparse.Namespace) -> dict[str, Any]:
             ],
         )
         s.step(f"guard fit {which}", ["guard", "fit", str(run), "--no-progress"])
-        s.step(f"export {which}", ["export", str(run), "--out", str(model), "--version", a.version])
+        s.step(f"export {which}", ["export", str(run), "--out", str(model), *version])
         reference = art / PUBLISHED[which]
         if reference.is_file():
             s.step(
@@ -116,7 +117,7 @@ def ship(a: argparse.Namespace) -> dict[str, Any]:
         run, model, report = out / which, art / PUBLISHED[which], art / REPORTS[which]
         s.step(
             f"publish {which}",
-            ["export", str(run), "--out", str(model), "--version", a.version],
+            ["export", str(run), "--out", str(model), *version],
         )
         if which == "shipped":
             # The frontal-chest check reads the new weights' features: fitted again for them
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", type=Path, help="its dataset descriptor (datasets/)")
     ap.add_argument("--out", type=Path, required=True, help="the scratch folder")
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    ap.add_argument("--version", default="0.1.0", help="the model's version in its card")
+    ap.add_argument(
+        "--version", help="the model's version in its card (default: pneumonia export's)"
+    )
     ap.add_argument(
         "--publish",
         action="store_true",
