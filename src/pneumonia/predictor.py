@@ -78,6 +78,29 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def open_session(model: Path | bytes, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with the project's options: every session (the service,
+    scoring, evaluation, export's checks, the input-check fit, training's validation) opens
+    here, so a measured option (docs/benchmarks.md) holds for all of them.
+
+    Args:
+        model: An ``.onnx`` file, or a serialized graph.
+        threads: Intra-op threads; default: the CPUs the cgroup quota allows.
+    """
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or available_cpus()
+    opts.inter_op_num_threads = 1
+    # The arena keeps every peak allocation for the life of the process; off, memory returns
+    # to the allocator between requests (peak RSS, docs/benchmarks.md).
+    opts.enable_cpu_mem_arena = False
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def shipped_model_path() -> Path:
     """The model committed under ``artifacts/`` and installed with the package."""
     return Path(str(resources.files("pneumonia.artifacts").joinpath("model.onnx")))
@@ -178,7 +201,6 @@ class Predictor:
         refuse: bool = True,
         use_headers: bool = True,
     ) -> None:
-        ort = import_onnxruntime()
         self.refuse = refuse
         self.use_headers = use_headers
 
@@ -187,17 +209,8 @@ class Predictor:
             raise ModelLoadError(
                 f"model file {self.path} does not exist; set MODEL_PATH or --model to an exported .onnx"
             )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or available_cpus()
-        opts.inter_op_num_threads = 1
-        opts.enable_cpu_mem_arena = False
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            self.session = open_session(self.path, threads)
         except Exception as exc:
             raise ModelLoadError(
                 f"model file {self.path} is not a valid ONNX model ({type(exc).__name__})"

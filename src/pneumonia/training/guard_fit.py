@@ -69,7 +69,7 @@ def onnx_features(net: Any, input_shape: tuple[int, ...], threads: int) -> Featu
     from torch import nn
 
     from pneumonia.guard import EMBEDDING_OUTPUT
-    from pneumonia.predictor import INPUT_NAME, import_onnxruntime
+    from pneumonia.predictor import INPUT_NAME, open_session
     from pneumonia.training.export import traced_graph
 
     class _Features(nn.Module):
@@ -81,13 +81,7 @@ def onnx_features(net: Any, input_shape: tuple[int, ...], threads: int) -> Featu
             return self.net.guard_features(x)
 
     proto = traced_graph(_Features().eval(), input_shape, [EMBEDDING_OUTPUT])
-    ort = import_onnxruntime()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(
-        proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
-    )
+    sess = open_session(proto.SerializeToString(), threads)
 
     def features(x: np.ndarray) -> np.ndarray:
         parts = [

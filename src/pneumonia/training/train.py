@@ -416,9 +416,8 @@ def _inference_fn(
     dev = _device_of(model)
     if dev.type != "cpu":
         return lambda b: model(b.to(dev))
-    from pneumonia.predictor import import_onnxruntime
+    from pneumonia.predictor import open_session
 
-    ort = import_onnxruntime()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "member.onnx"
         torch.onnx.export(
@@ -431,12 +430,7 @@ def _inference_fn(
             opset_version=17,
             dynamo=False,
         )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(
-            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        sess = open_session(path, torch.get_num_threads())
     return lambda b: torch.from_numpy(sess.run(["logit"], {"image": b.numpy()})[0])
 
 
