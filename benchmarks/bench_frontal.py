@@ -31,7 +31,7 @@ import numpy as np
 
 from pneumonia.data import is_image_file
 from pneumonia.frontal import combine, header_reasons
-from pneumonia.predictor import Predictor
+from pneumonia.predictor import Prediction, Predictor
 from pneumonia.preprocess import ImageError, Preprocessed
 
 
@@ -43,15 +43,15 @@ def cost(predictor: Predictor, prepared: list[Preprocessed], repeats: int = 3) -
     """Best of ``repeats`` CPU ms per image: the whole check, and the frontal part alone."""
     assert predictor.frontal is not None
     x = np.stack([p.input for p in prepared])
-    _, _, emb = predictor.run_all(x)
-    assert emb is not None
     stats = [p.stats for p in prepared]
-    base = predictor.check_inputs(x, emb, stats)
+    out = predictor.scores(x, stats)
+    emb, base = out.features, out.checks
+    assert emb is not None
     whole = frontal = float("inf")
     for _ in range(repeats):
         t0 = time.process_time()
         for i in range(len(x)):
-            predictor.check_inputs(x[i : i + 1], emb[i : i + 1], stats[i : i + 1])
+            predictor.input_checks(x[i : i + 1], emb[i : i + 1], stats[i : i + 1])
         whole = min(whole, (time.process_time() - t0) / len(x))
         t0 = time.process_time()
         for i in range(len(x)):
@@ -79,8 +79,8 @@ def main() -> int:
             except ImageError as exc:
                 log(f"skipped {path}: {exc.code}")
                 continue
-            (pred,) = predictor.predict_arrays(pre.input[None], stats=[pre.stats])
-            assert pred.check is not None
+            (pred,) = predictor.predict([pre])
+            assert isinstance(pred, Prediction) and pred.check is not None
             groups.setdefault(path.parent.name, Counter())[pred.check.outcome] += 1
             prepared.append(pre)
     report: dict[str, Any] = {

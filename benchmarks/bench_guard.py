@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 
 from pneumonia.guard import OUTCOMES, REFUSED_OUTCOMES, UNLIKE_TRAINING, rates_table
-from pneumonia.predictor import Predictor
-from pneumonia.preprocess import ImageError
+from pneumonia.predictor import Prediction, Predictor
 from pneumonia.preprocess import Preprocessed as Prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,30 +49,19 @@ def log(msg: str) -> None:
 
 
 def outcomes(
-    predictor: Predictor, files: list[Path], batch: int = 32
+    predictor: Predictor, files: list[Path]
 ) -> tuple[list[str], list[tuple[float | None, float | None]]]:
     """Each file's outcome (or ``error:<code>``), score and refusal score."""
-    out: list[str] = [""] * len(files)
-    scores: list[tuple[float | None, float | None]] = [(None, None)] * len(files)
-    for start in range(0, len(files), batch):
-        idx, prepared = [], []
-        for i in range(start, min(len(files), start + batch)):
-            try:
-                prepared.append(predictor.prepare(files[i].read_bytes()))
-                idx.append(i)
-            except ImageError as exc:
-                out[i] = f"error:{exc.code}"
-        for i, p in zip(
-            idx,
-            predictor.predict_arrays(
-                np.stack([q.input for q in prepared]), stats=[q.stats for q in prepared]
-            )
-            if prepared
-            else [],
-            strict=True,
-        ):
+    out: list[str] = []
+    scores: list[tuple[float | None, float | None]] = []
+    for p in predictor.predict(files, refuse=False):
+        if isinstance(p, Prediction):
             assert p.check is not None
-            out[i], scores[i] = p.check.outcome, (p.check.score, p.check.refusal_score)
+            out.append(p.check.outcome)
+            scores.append((p.check.score, p.check.refusal_score))
+        else:
+            out.append(f"error:{p.code}")
+            scores.append((None, None))
     return out, scores
 
 
@@ -97,18 +85,18 @@ def rates(results: list[str]) -> dict[str, Any]:
 def cost(predictor: Predictor, prepared: list[Prepared], repeats: int = 3) -> dict[str, float]:
     """CPU time per image of the check alone (image rules + feature distance), and its memory."""
     x = np.stack([p.input for p in prepared])
-    _, _, emb = predictor.run_all(x)
     stats = [p.stats for p in prepared]
+    emb = predictor.scores(x, stats).features
     best = float("inf")
     for _ in range(repeats):
         t0 = time.process_time()  # CPU time: robust to other processes on a shared machine
         for i in range(len(x)):  # one image at a time, as /predict does
-            predictor.check_inputs(
+            predictor.input_checks(
                 x[i : i + 1], None if emb is None else emb[i : i + 1], stats[i : i + 1]
             )
         best = min(best, (time.process_time() - t0) / len(x))
     tracemalloc.start()
-    predictor.check_inputs(x[:1], None if emb is None else emb[:1], stats[:1])
+    predictor.input_checks(x[:1], None if emb is None else emb[:1], stats[:1])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     g = predictor.guard

@@ -89,7 +89,8 @@ def hundred(site: SiteFilms, per_class: int = 50) -> np.ndarray:
 def score(model: Path, site: SiteFilms) -> dict[str, Any]:
     """The model on films it did not see: ranking, the operating point, calibration, the check."""
     p = Predictor(model, refuse=False)
-    probs, checks = p.probabilities_and_checks(site.x)
+    scored = p.scores(site.x)
+    probs, checks = scored.probabilities, scored.checks
     y = site.y
     pos = probs >= p.threshold
     outcomes = [c.outcome for c in checks]

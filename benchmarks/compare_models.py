@@ -31,16 +31,13 @@ from pneumonia.predictor import Predictor
 from pneumonia.training.run import RecordedSplit, RunFolder, load_split
 
 #: Films scored per onnxruntime call.
-BATCH = 64
 
 
 def score(model: Path, split: RecordedSplit, threads: int | None = None) -> dict[str, Any]:
     """One model's figures on the split's validation films."""
     pred = Predictor(model, threads=threads, refuse=False)
     val = load_images(split.val, pred.spec)
-    logits = np.concatenate(
-        [pred.run(val.x[i : i + BATCH])[0] for i in range(0, len(val.x), BATCH)]
-    )
+    logits = pred.scores(val.x).logits
     card = pred.card
     prob = calibrated_probability(logits, card.calibration.temperature, card.calibration.bias)
     at = threshold_metrics(val.y, prob, card.threshold)

@@ -56,9 +56,9 @@ def embed(
         if not prepared:
             continue
         batch = np.stack([p.input for p in prepared])
-        _, _, emb = predictor.run_all(batch)
+        scored = predictor.scores(batch, [p.stats for p in prepared])
+        emb, checks = scored.features, scored.checks
         assert emb is not None, "the model has no embedding output"
-        checks = predictor.check_inputs(batch, emb, [p.stats for p in prepared])
         feats.append(emb)
         outcomes += [c.outcome for c in checks]
         kept += [files[j].name for j in idx]

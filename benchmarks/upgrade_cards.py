@@ -120,7 +120,7 @@ def bound_by(p: Predictor, data: Path) -> str:
     counts = {"NORMAL": int((val.y == 0).sum()), "PNEUMONIA": int((val.y == 1).sum())}
     if counts != recorded:
         raise SystemExit(f"validation split drawn again has {counts}, the card recorded {recorded}")
-    probs = p.probabilities(val.x)
+    probs = p.scores(val.x).probabilities
     rule = card.threshold_rule
     assert rule.rule == "stressed_youden" and rule.min_sensitivity is not None
     floor = pick_threshold("min_sensitivity", val.y, probs, rule.min_sensitivity).threshold

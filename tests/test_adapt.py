@@ -248,9 +248,11 @@ def test_the_adapted_file_round_trips_with_a_heatmap_of_the_new_head(
     assert p.card.site_adaptation is not None
     assert p.card.site_adaptation["fitted"]["threshold"] == p.threshold
     films = sorted(site.rglob("*.png"))
-    x = np.stack([p.preprocess(f.read_bytes()) for f in films])
-    logits, cams, emb = p.run_all(x)
-    base_logits, _, base_emb = Predictor(base_model, threads=1).run_all(x)
+    x = np.stack([p.prepare(f.read_bytes()).input for f in films])
+    got, base = p.scores(x, cams=True), Predictor(base_model, threads=1).scores(x)
+    logits, cams, emb = got.logits, got.cams, got.features
+    base_logits, base_emb = base.logits, base.features
+    assert cams is not None
     np.testing.assert_array_equal(emb, base_emb)  # the features are the base model's
     np.testing.assert_allclose(cams.mean(axis=(1, 2)), logits, atol=1e-4)
     assert cams.shape[1:] == (SIZE // 4, SIZE // 4) and "penultimate" in report["heatmap"]
@@ -338,12 +340,12 @@ def test_the_refitted_input_check_keeps_site_films_and_refuses_a_non_radiograph(
     odd = _png(
         np.clip(board + np.random.default_rng(3).normal(0, 8, board.shape), 0, 255).astype(np.uint8)
     )
-    x = p.preprocess(odd)
+    x = p.prepare(odd).input
     assert image_reasons(x) == []
     assert p.predict_bytes(odd).check.outcome == NOT_A_CHEST_XRAY
     assert p.guard is not None and p.guard.base_mid is not None
     site_only = dataclasses.replace(p.guard, base_mid=None, base_refuse_distance=None)
-    (check,) = site_only.check(p.run_all(x[None])[2], [[]])
+    (check,) = site_only.check(p.scores(x[None]).features, [[]])
     assert check.outcome == NOT_A_CHEST_XRAY
 
 
@@ -473,7 +475,9 @@ def test_without_a_reachable_feature_map_the_heatmap_is_blank_and_says_so(
     assert p.card.site_adaptation["heatmap"].startswith("none")
     assert "heatmaps are blank" in p.card.outputs["cam"]
     films = sorted(site.rglob("*.png"))[:4]
-    logits, cams, _ = p.run_all(np.stack([p.preprocess(f.read_bytes()) for f in films]))
+    got = p.scores(np.stack([p.prepare(f.read_bytes()).input for f in films]), cams=True)
+    logits, cams = got.logits, got.cams
+    assert cams is not None
     assert cams.shape == (4, 1, 1) and np.allclose(cams[:, 0, 0], logits, atol=1e-5)
     assert not class_map(cams[0], "PNEUMONIA").any()  # drawn as the film alone
 

@@ -33,7 +33,7 @@ from pneumonia.card import (
 from pneumonia.cli import main
 from pneumonia.evaluate import evaluate_predictions
 from pneumonia.ledger import Ledger, LedgerError, Look, describe_look
-from pneumonia.predictor import Predictor
+from pneumonia.predictor import Prediction, Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 #: What a card about someone else's data must never say (the Kermany set's own text).
@@ -262,8 +262,10 @@ def test_probability_is_p_pneumonia_for_every_answer(tiny_model: Path) -> None:
     """Regression (issue 19): a film with P(PNEUMONIA) 0.6 under a threshold of 0.69 was
     answered NORMAL with probability 0.4."""
     p = Predictor(tiny_model)
-    x = np.random.default_rng(0).random((16, *p.spec.input_shape), dtype=np.float32)
-    for pred in p.predict_arrays(x):
+    rng = np.random.default_rng(0)
+    films = [rng.integers(0, 256, (64, 64), dtype=np.uint8) for _ in range(16)]
+    for pred in p.predict(films, refuse=False):
+        assert isinstance(pred, Prediction)
         assert pred.probability == pred.p_pneumonia
         assert (pred.label == "PNEUMONIA") == (pred.p_pneumonia >= pred.threshold)
         assert pred.to_dict()["probability"] == pred.p_pneumonia

@@ -269,8 +269,8 @@ def test_a_chest_header_or_none_is_no_reason() -> None:
 
 
 def _features(p: Predictor, images: list[np.ndarray]) -> np.ndarray:
-    x = np.stack([p.preprocess(png(a)) for a in images])
-    _, _, emb = p.run_all(x)
+    x = np.stack([p.prepare(png(a)).input for a in images])
+    emb = p.scores(x).features
     assert emb is not None
     return emb
 

@@ -265,8 +265,8 @@ def test_fitted_statistics_round_trip_through_export(
     assert "training split" in check["fitted_on"]
     assert "Input check" in guarded_model.with_suffix(".card.md").read_text()
     # The features the model gives are the ones the statistics were fitted on.
-    x = np.stack([p.preprocess(jpeg_bytes(label=i % 2, seed=100 + i)) for i in range(6)])
-    _, _, emb = p.run_all(x)
+    x = np.stack([p.prepare(jpeg_bytes(label=i % 2, seed=100 + i)).input for i in range(6)])
+    emb = p.scores(x).features
     assert emb is not None and emb.shape == (6, fitted.dim)
 
 

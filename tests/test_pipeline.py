@@ -40,7 +40,8 @@ def test_onnx_matches_torch(tiny_run: Path, tiny_model: Path, synthetic_root: Pa
     net = EnsembleForExport(members).eval()
     with torch.no_grad():
         ref_logit, ref_cam, _ = net(torch.from_numpy(x))
-    logit, cam = pred.run(x)
+    got = pred.scores(x, cams=True)
+    logit, cam = got.logits, got.cams
     np.testing.assert_allclose(logit, ref_logit.numpy(), atol=1e-4)
     np.testing.assert_allclose(cam, ref_cam.numpy(), atol=1e-4)
     # The CAM's spatial mean is the logit: explanations are exact, not approximate.
@@ -195,10 +196,11 @@ def test_export_then_training_data_path_equals_prediction_path(
     pred = Predictor(tiny_model)
     sample = list_split(synthetic_root / "test")[0]
     train_arr = load_images([sample], pred.spec).x
-    serve_arr = pred.preprocess(sample.path.read_bytes())[None]
+    serve_arr = pred.prepare(sample.path.read_bytes()).input[None]
     np.testing.assert_array_equal(train_arr, serve_arr)
     assert (
-        pred.probabilities(train_arr)[0] == pred.predict_bytes(sample.path.read_bytes()).p_pneumonia
+        pred.scores(train_arr).probabilities[0]
+        == pred.predict_bytes(sample.path.read_bytes()).p_pneumonia
     )
 
 

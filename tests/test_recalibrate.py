@@ -159,7 +159,8 @@ def test_site_model_keeps_weights_and_provenance(
     out, report = site_model
     old, new = Predictor(tiny_model, threads=1), Predictor(out, threads=1)
     x = np.random.default_rng(0).random((3, *old.spec.input_shape), dtype=np.float32)
-    np.testing.assert_array_equal(old.run(x)[0], new.run(x)[0])  # same weights, same logits
+    # same weights, same logits
+    np.testing.assert_array_equal(old.scores(x).logits, new.scores(x).logits)
     for key in (
         "name",
         "training",

@@ -523,7 +523,7 @@ def test_unexpected_failure_is_500_without_details(
         def boom(*args: object, **kw: object) -> None:
             raise RuntimeError("secret internal detail /srv/model")
 
-        monkeypatch.setattr(c.app.state.service.predictor, "predict_arrays", boom)
+        monkeypatch.setattr(c.app.state.service.predictor, "scores", boom)
         with caplog.at_level(logging.ERROR, logger="pneumonia.serve"):
             resp = upload(c, jpeg_bytes())
         msg = assert_error(resp, 500, "internal_error")

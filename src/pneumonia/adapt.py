@@ -55,6 +55,7 @@ from pneumonia.card import (
 from pneumonia.evaluate import roc_auc
 from pneumonia.guard import EMBEDDING_OUTPUT, FeatureGuard, fit_site_guard
 from pneumonia.labels import LABELS
+from pneumonia.predictor import BATCH
 from pneumonia.recalibrate import (
     cross_fit,
     files_digest,
@@ -90,8 +91,6 @@ SHIFT_FILMS = 96
 AGE_BANDS = (0, 18, 40, 60, 80)
 #: Films a subgroup needs (and 5 of each class) for its own figures.
 MIN_SUBGROUP = 20
-#: Films embedded per onnxruntime call.
-BATCH = 32
 
 #: Operating-point rules of pneumonia.card.RULES that adapt offers: Youden's J by default,
 #: a sensitivity floor with --min-sensitivity.
@@ -677,14 +676,10 @@ def check_site(y: np.ndarray, groups: Sequence[str]) -> list[str]:
 
 def embed(predictor: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the base model's logits (N,), its ``embedding`` rows (N, D + M)) of model inputs."""
-    logits, feats = [], []
-    for i in range(0, len(x), BATCH):
-        z, _, e = predictor.run_all(np.ascontiguousarray(x[i : i + BATCH]))
-        if e is None:
-            raise AdaptError(f"model {predictor.path} has no '{EMBEDDING_OUTPUT}' output")
-        logits.append(z)
-        feats.append(e)
-    return np.concatenate(logits), np.concatenate(feats).astype(np.float32)
+    out = predictor.scores(x)
+    if out.features is None:
+        raise AdaptError(f"model {predictor.path} has no '{EMBEDDING_OUTPUT}' output")
+    return out.logits, out.features.astype(np.float32)
 
 
 def shift_sample(keys: Sequence[str], n: int = SHIFT_FILMS) -> np.ndarray:
@@ -1200,7 +1195,9 @@ def _verify(blob: bytes, out: Path, head: LinearHead, features: np.ndarray, x: n
     try:
         tmp.write_bytes(blob)
         p = Predictor(tmp, threads=1)
-        logits, cams, _ = p.run_all(np.ascontiguousarray(x))
+        out_ = p.scores(x, cams=True)
+        logits, cams = out_.logits, out_.cams
+        assert cams is not None
     finally:
         tmp.unlink(missing_ok=True)
     want = head.decision(features)

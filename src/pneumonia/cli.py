@@ -273,7 +273,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from pneumonia.data import is_manifest, is_npz, load_images, resolve_split, split_samples
+    from pneumonia.data import is_manifest, is_npz, resolve_split, score_samples, split_samples
     from pneumonia.evaluate import evaluate_predictions, markdown_summary
     from pneumonia.guard import OUTCOMES
 
@@ -284,8 +284,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if not (is_npz(a.data) or is_manifest(a.data)):
         folder = resolve_split(a.data, a.split)
     dataset = _evaluated_dataset(a, predictor)
-    loaded = load_images(split_samples(a.data, a.split), predictor.spec, progress=not a.no_progress)
-    probs, checks = predictor.probabilities_and_checks(loaded.x)
+    loaded = score_samples(predictor, split_samples(a.data, a.split), progress=not a.no_progress)
+    probs, checks = loaded.probabilities, loaded.checks
     outcomes = [c.outcome for c in checks]
     ev = evaluate_predictions(
         loaded.y,
@@ -300,7 +300,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             "input_check": {
                 "feature_check": predictor.guard is not None,
                 "frontal_check": predictor.frontal is not None,
-                "colour_checked": False,
+                # decode statistics come with encoded files, not with .npz pixels
+                "colour_checked": not is_npz(a.data),
                 **{o: outcomes.count(o) for o in OUTCOMES},
             },
         },
@@ -379,21 +380,19 @@ def _evaluated_dataset(a: argparse.Namespace, predictor: Predictor) -> str | Non
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from pneumonia.preprocess import ImageError
+    from pneumonia.predictor import Prediction
 
     predictor = _load_predictor(a.model)
-    predictor.refuse = not a.flag_only
     predictor.use_headers = not a.ignore_headers
     status = 0
-    for path in a.images:
-        try:
-            pred = predictor.predict_bytes(Path(path).read_bytes())
-            print(json.dumps({"filename": str(path), **pred.to_dict()}))
-        except (ImageError, OSError) as exc:
+    paths = [Path(p) for p in a.images]
+    for path, out in zip(paths, predictor.predict(paths, refuse=not a.flag_only), strict=True):
+        if isinstance(out, Prediction):
+            print(json.dumps({"filename": str(path), **out.to_dict()}))
+        else:  # unreadable, undecodable or refused: this file's error, the others still answer
             status = 1
-            code = getattr(exc, "code", "unreadable_file")
-            msg = getattr(exc, "message", None) or f"cannot read {path}: {type(exc).__name__}"
-            print(json.dumps({"filename": str(path), "error": {"code": code, "message": msg}}))
+            error = {"code": out.code, "message": out.message}
+            print(json.dumps({"filename": str(path), "error": error}))
     return status
 
 

@@ -25,13 +25,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pneumonia.labels import LABELS
 from pneumonia.preprocess import ImageError, PreprocessSpec, preprocess_bytes, preprocess_uint8
 from pneumonia.progress import progress_bar
+
+if TYPE_CHECKING:
+    from pneumonia.guard import InputCheck
+    from pneumonia.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -647,6 +651,67 @@ def load_images(
     x = np.stack(arrays) if arrays else np.zeros((0, *spec.input_shape), np.float32)
     y = np.array([s.label for s in kept], dtype=np.int64)
     return LoadedImages(x=x, y=y, samples=kept, skipped=skipped)
+
+
+@dataclass
+class ScoredSamples:
+    """Labelled images scored by an exported model: a prediction per readable image (never
+    refused: evaluation and recalibration score every film) and the files it skipped."""
+
+    samples: list[Sample]
+    y: np.ndarray  # (N,) int64
+    predictions: list[Prediction]
+    skipped: list[tuple[Path, str]]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return np.array([p.logit for p in self.predictions], dtype=np.float64)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return np.array([p.p_pneumonia for p in self.predictions], dtype=np.float64)
+
+    @property
+    def checks(self) -> list[InputCheck]:
+        out = []
+        for p in self.predictions:
+            assert p.check is not None  # Predictor.predict checks every image it scores
+            out.append(p.check)
+        return out
+
+
+def score_samples(
+    predictor: Predictor, samples: Sequence[Sample], *, progress: bool = False
+) -> ScoredSamples:
+    """Score labelled samples through the predictor's batch path (``Predictor.predict``), a
+    batch at a time: the service's decode, model and input check, and memory bounded by the
+    batch rather than the data set. Unreadable or undecodable files are listed and skipped."""
+    from pneumonia.predictor import Prediction  # lazily: data.py serves the torch side too
+
+    reader = NpzReader()
+    items = (reader.image(s) if s.npz_index is not None else s.path for s in samples)
+    outcomes = progress_bar(
+        predictor.predict(items, refuse=False),
+        enabled=progress,
+        total=len(samples),
+        desc="scoring images",
+        unit="img",
+    )
+    kept: list[Sample] = []
+    preds: list[Prediction] = []
+    skipped: list[tuple[Path, str]] = []
+    for s, out in zip(samples, outcomes, strict=True):
+        if isinstance(out, Prediction):
+            kept.append(s)
+            preds.append(out)
+        else:  # ImageError or ItemError
+            skipped.append((s.path, f"{out.code}: {out.message}"))
+    for path, why in skipped:
+        log.warning("skipped unreadable image %s: %s", path, why)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(samples))
+    y = np.array([s.label for s in kept], dtype=np.int64)
+    return ScoredSamples(samples=kept, y=y, predictions=preds, skipped=skipped)
 
 
 def class_counts(labels: np.ndarray) -> dict[str, int]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,17 +37,18 @@ from pneumonia.guard import (
     EMBEDDING_OUTPUT,
     FeatureGuard,
     InputCheck,
-    NotAChestXrayError,
     image_only_check,
     image_reasons,
 )
 from pneumonia.labels import LABELS
 from pneumonia.preprocess import (
     DecodeStats,
+    ImageError,
     Preprocessed,
     PreprocessSpec,
     check_model_input,
     preprocess_image,
+    preprocess_uint8,
 )
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,54 @@ def default_model_path() -> Path:
 
 class ModelLoadError(RuntimeError):
     """The model file is missing, corrupt, or lacks what prediction needs."""
+
+
+#: Images per model call on every batch path (the service's batches, scoring, evaluation,
+#: recalibration, a site fit): large enough to amortise a call, small enough that a batch's
+#: activations stay a few tens of MB.
+BATCH = 32
+
+
+class ItemError(Exception):
+    """An item :meth:`Predictor.predict` could not score for a reason outside the image's
+    content: ``unreadable_file`` (the file could not be read) or ``internal_error`` (the
+    decoder failed unexpectedly; logged with its traceback, never echoed)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+#: One item for :meth:`Predictor.predict`.
+Item = bytes | Path | np.ndarray | Preprocessed | ImageError
+
+
+@dataclass
+class StageTimes:
+    """Seconds :meth:`Predictor.predict` spent decoding and in the model, summed."""
+
+    decode_s: float = 0.0
+    inference_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The model's outputs for a batch of model inputs, one row per image.
+
+    Attributes:
+        logits: Raw logits (N,).
+        probabilities: Calibrated P(PNEUMONIA) (N,).
+        features: The pooled ``embedding`` (N, D), None if the model has no such output.
+        cams: Class-activation maps (N, h, w), if asked for.
+        checks: The input check's verdict per image (never refused here).
+    """
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    features: np.ndarray | None
+    cams: np.ndarray | None
+    checks: list[InputCheck]
 
 
 @dataclass(frozen=True)
@@ -361,37 +412,151 @@ class Predictor:
             "weights_sha256": self.weights_sha256,
         }
 
-    def prepare(self, data: bytes) -> Preprocessed:
-        """Bytes to one model input and what the decoder saw (its colour), by the model's own
-        spec; raises ``ImageError`` on a bad image."""
-        return preprocess_image(data, self.spec)
+    def prepare(self, data: bytes, view_side: int | None = None) -> Preprocessed:
+        """Bytes to one model input and what the decoder saw, by the model's own spec (and the
+        picture a heatmap is drawn on, if ``view_side``); raises ``ImageError`` on a bad image."""
+        return preprocess_image(data, self.spec, view_side=view_side)
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """Bytes to one model input (C, H, W) by the model's own spec; raises ``ImageError``
-        on a bad image."""
-        return self.prepare(data).input
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (logits (N,), CAMs (N, h, w)) for a preprocessed batch (N, C, H, W)."""
-        logits, cams, _ = self.run_all(batch)
-        return logits, cams
-
-    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Raw (logits (N,), CAMs (N, h, w), features (N, D) or None if the model has none)."""
-        check_model_input(batch, self.spec)
-        outs = self.session.run(list(self.output_names), {INPUT_NAME: batch})
-        emb = np.asarray(outs[2], dtype=np.float32) if len(outs) > 2 else None
-        return np.asarray(outs[0], dtype=np.float64).reshape(-1), np.asarray(outs[1]), emb
-
-    def check_inputs(
+    def scores(
         self,
-        batch: np.ndarray,
-        features: np.ndarray | None,
+        x: np.ndarray,
         stats: Sequence[DecodeStats | None] | None = None,
+        *,
+        cams: bool = False,
+    ) -> Scores:
+        """The model's outputs for model inputs ``x`` (N, C, H, W), run :data:`BATCH` at a time.
+
+        The one place the session runs: :meth:`predict` comes here, and so do the callers that
+        hold model inputs already (a site's shifted films, export's parity check).
+
+        Args:
+            x: float32 model inputs by the model's spec.
+            stats: What the decoder saw per image, for the colour and DICOM-header checks.
+            cams: Keep the class-activation maps (N, h, w) too.
+        """
+        n = len(x)
+        st = list(stats) if stats is not None else [None] * n
+        if len(st) != n:
+            raise ValueError(f"{len(st)} decode statistics for {n} images")
+        logits, feats, maps, checks = [], [], [], []
+        for i in range(0, n, BATCH):
+            chunk = np.ascontiguousarray(x[i : i + BATCH])
+            check_model_input(chunk, self.spec)
+            outs = self.session.run(list(self.output_names), {INPUT_NAME: chunk})
+            logits.append(np.asarray(outs[0], dtype=np.float64).reshape(-1))
+            emb = np.asarray(outs[2], dtype=np.float32) if len(outs) > 2 else None
+            if emb is not None:
+                feats.append(emb)
+            if cams:
+                maps.append(np.asarray(outs[1]))
+            checks += self.input_checks(chunk, emb, st[i : i + BATCH])
+        z = np.concatenate(logits) if logits else np.zeros(0)
+        return Scores(
+            logits=z,
+            probabilities=calibrated_probability(z, self.temperature, self.bias),
+            features=np.concatenate(feats) if feats else None,
+            cams=np.concatenate(maps) if maps else None,
+            checks=checks,
+        )
+
+    def predict(
+        self,
+        items: Iterable[Item],
+        *,
+        with_cam: bool = False,
+        refuse: bool | None = None,
+        times: StageTimes | None = None,
+    ) -> Iterator[Prediction | ImageError | ItemError]:
+        """Decode, batch and classify images, one outcome per item, in order.
+
+        The batch path of the service, ``pneumonia predict``, ``score``, ``evaluate`` and
+        ``recalibrate``: an item that cannot be read or decoded, or that the input check
+        refuses, becomes its own error and never costs the others their results. Items are
+        taken :data:`BATCH` at a time, so memory stays bounded however many there are.
+
+        Args:
+            items: Encoded bytes, a file to read, a uint8 grayscale array (H, W) (an ``.npz``
+                image), an image :meth:`prepare` already decoded, or the ``ImageError`` that
+                kept it from being one (kept in its place).
+            with_cam: Keep each prediction's class-activation map.
+            refuse: Answer what the input check refuses with its error; default: the
+                predictor's ``refuse``. False scores every image (evaluation, recalibration).
+            times: Adds the seconds spent decoding and in the model (service metrics).
+        """
+        refuse = self.refuse if refuse is None else refuse
+        it = iter(items)
+        while chunk := list(itertools.islice(it, BATCH)):
+            t0 = time.perf_counter()
+            decoded = [self._decode(item) for item in chunk]
+            ready = [d for d in decoded if isinstance(d, Preprocessed)]
+            t1 = time.perf_counter()
+            preds = iter(self._predictions(ready, with_cam) if ready else [])
+            if times is not None:
+                times.decode_s += t1 - t0
+                times.inference_s += time.perf_counter() - t1
+            for d in decoded:
+                if not isinstance(d, Preprocessed):
+                    yield d
+                    continue
+                pred = next(preds)
+                if refuse and pred.check is not None and pred.check.refused:
+                    yield pred.check.error()
+                else:
+                    yield pred
+
+    def predict_bytes(self, data: bytes, with_cam: bool = False) -> Prediction:
+        """Decode, check and classify one encoded image.
+
+        Raises:
+            ImageError: a bad image, or ``NotAChestXrayError`` when the check refuses it.
+        """
+        (out,) = self.predict([data], with_cam=with_cam)
+        if isinstance(out, ItemError):
+            raise RuntimeError(out.message)
+        if isinstance(out, ImageError):
+            raise out
+        return out
+
+    def _decode(self, item: Item) -> Preprocessed | ImageError | ItemError:
+        if isinstance(item, (Preprocessed, ImageError)):
+            return item
+        try:
+            if isinstance(item, np.ndarray):
+                return Preprocessed(preprocess_uint8(item, self.spec))
+            if isinstance(item, Path):
+                try:
+                    item = item.read_bytes()
+                except OSError as exc:
+                    return ItemError(
+                        "unreadable_file",
+                        f"cannot read the file: {exc.strerror or type(exc).__name__}",
+                    )
+            return self.prepare(item)
+        except ImageError as exc:
+            return exc
+        except Exception as exc:  # a decoder bug costs this image, not the batch
+            log.error("unexpected error decoding an image", exc_info=exc)
+            return ItemError(
+                "internal_error",
+                "decoding this image failed unexpectedly; the log has the traceback",
+            )
+
+    def _predictions(self, ready: list[Preprocessed], with_cam: bool) -> list[Prediction]:
+        out = self.scores(
+            np.stack([p.input for p in ready]), [p.stats for p in ready], cams=with_cam
+        )
+        return [
+            self._prediction(
+                float(z), float(p), out.cams[i] if out.cams is not None else None, out.checks[i]
+            )
+            for i, (z, p) in enumerate(zip(out.logits, out.probabilities, strict=True))
+        ]
+
+    def input_checks(
+        self, batch: np.ndarray, features: np.ndarray | None, stats: Sequence[DecodeStats | None]
     ) -> list[InputCheck]:
         """The input check's verdict per image (see pneumonia.guard); never raises for an image."""
-        st = list(stats) if stats is not None else [None] * len(batch)
-        reasons = [image_reasons(x, s) for x, s in zip(batch, st, strict=True)]
+        reasons = [image_reasons(x, s) for x, s in zip(batch, stats, strict=True)]
         if self.guard is None or features is None:
             base = [image_only_check(r) for r in reasons]
         else:
@@ -401,68 +566,8 @@ class Predictor:
             verdicts = list(self.frontal.verdicts(features))
         return [
             combine(b, v, self.frontal, header_reasons(s) if self.use_headers else ())
-            for b, v, s in zip(base, verdicts, st, strict=True)
+            for b, v, s in zip(base, verdicts, stats, strict=True)
         ]
-
-    def probabilities(self, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
-        """Calibrated P(PNEUMONIA) for a preprocessed batch."""
-        return self.probabilities_and_checks(batch, chunk)[0]
-
-    def probabilities_and_checks(
-        self, batch: np.ndarray, chunk: int = 64
-    ) -> tuple[np.ndarray, list[InputCheck]]:
-        """Calibrated P(PNEUMONIA) and the input check (without decode statistics) per image."""
-        if len(batch) == 0:
-            return np.zeros(0), []
-        logits, checks = [], []
-        for i in range(0, len(batch), chunk):
-            z, _, emb = self.run_all(batch[i : i + chunk])
-            logits.append(z)
-            checks += self.check_inputs(batch[i : i + chunk], emb)
-        return calibrated_probability(np.concatenate(logits), self.temperature, self.bias), checks
-
-    def predict_arrays(
-        self,
-        batch: np.ndarray,
-        with_cam: bool = False,
-        stats: Sequence[DecodeStats | None] | None = None,
-    ) -> list[Prediction]:
-        """Classify a preprocessed batch; every prediction carries its input check (never refused)."""
-        logits, cams, emb = self.run_all(batch)
-        probs = calibrated_probability(logits, self.temperature, self.bias)
-        checks = self.check_inputs(batch, emb, stats)
-        return [
-            self._prediction(float(z), float(p), cams[i] if with_cam else None, checks[i])
-            for i, (z, p) in enumerate(zip(logits, probs, strict=True))
-        ]
-
-    def predict_prepared(
-        self, prepared: Sequence[Preprocessed], with_cam: bool = False
-    ) -> list[Prediction | NotAChestXrayError]:
-        """Classify prepared images; what the check refuses is its error (unless ``refuse`` is off)."""
-        if not prepared:
-            return []
-        preds = self.predict_arrays(
-            np.stack([p.input for p in prepared]), with_cam, [p.stats for p in prepared]
-        )
-        return [self.refusal(p) or p for p in preds]
-
-    def refusal(self, pred: Prediction) -> NotAChestXrayError | None:
-        """The error to answer instead of ``pred``, if the check refuses its image."""
-        if self.refuse and pred.check is not None and pred.check.refused:
-            return pred.check.error()
-        return None
-
-    def predict_bytes(self, data: bytes, with_cam: bool = False) -> Prediction:
-        """Decode, preprocess, check and classify one encoded image.
-
-        Raises:
-            ImageError: a bad image, or ``NotAChestXrayError`` when the check refuses it.
-        """
-        (out,) = self.predict_prepared([self.prepare(data)], with_cam=with_cam)
-        if isinstance(out, NotAChestXrayError):
-            raise out
-        return out
 
     def _prediction(
         self, logit: float, p: float, cam: np.ndarray | None, check: InputCheck | None = None

@@ -423,7 +423,7 @@ def recalibrate_model(
     Returns:
         The report: :func:`recalibrate_scores`' result plus ``site`` and ``model``/``out``.
     """
-    from pneumonia.data import load_images, patient_id_rule, split_samples
+    from pneumonia.data import patient_id_rule, score_samples, split_samples
     from pneumonia.predictor import Predictor
 
     model, data, out = Path(model), Path(data), Path(out)
@@ -444,14 +444,8 @@ def recalibrate_model(
                     min_sensitivity,
                 )
     samples = split_samples(data, split)
-    loaded = load_images(samples, predictor.spec, progress=progress)
-    logits = (
-        np.concatenate(
-            [predictor.run(loaded.x[i : i + 32])[0] for i in range(0, len(loaded.x), 32)]
-        )
-        if len(loaded.x)
-        else np.zeros(0)
-    )
+    loaded = score_samples(predictor, samples, progress=progress)
+    logits = loaded.logits
     ids = [
         (s.patient, "manifest")
         if s.manifest_patient is not None

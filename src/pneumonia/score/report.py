@@ -321,11 +321,11 @@ def heatmap_rgb(predictor: Predictor, data: bytes, row: ScoreRow) -> np.ndarray:
     """The film with the model's activation map for the row's label over it (uint8 RGB), drawn
     as the service draws its heatmaps."""
     from pneumonia.heatmap import MAX_OVERLAY_SIDE, overlay
-    from pneumonia.preprocess import preprocess_image
+    from pneumonia.predictor import Prediction
 
-    pre = preprocess_image(data, predictor.spec, view_side=MAX_OVERLAY_SIDE)
-    (pred,) = predictor.predict_arrays(pre.input[None], with_cam=True)
-    if pre.view is None or pred.cam is None:
+    pre = predictor.prepare(data, view_side=MAX_OVERLAY_SIDE)
+    (pred,) = predictor.predict([pre], with_cam=True, refuse=False)
+    if not isinstance(pred, Prediction) or pre.view is None or pred.cam is None:
         raise ScoreError(f"{row.key}: no picture or activation map to draw a heatmap from")
     return overlay(pre.view, pred.cam, row.prediction or pred.label)
 

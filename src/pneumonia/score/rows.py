@@ -6,14 +6,12 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from pneumonia.preprocess import ImageError, Preprocessed, preprocess_uint8
-
-if TYPE_CHECKING:
-    from pneumonia.predictor import Predictor
+from pneumonia.guard import NotAChestXrayError
+from pneumonia.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +100,7 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
     raises for a bad file, so one broken film never stops an archive.
     """
     rows: list[ScoreRow | None] = [None] * len(items)
-    arrays: list[Preprocessed] = []
+    inputs: list[bytes | np.ndarray] = []
     good: list[tuple[int, str]] = []
     for i, item in enumerate(items):
         if item.error is not None:
@@ -110,10 +108,10 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
             rows[i] = _error_row(predictor, item.key, None, code, message)
             continue
         if item.pixels is not None:
-            arrays.append(Preprocessed(preprocess_uint8(item.pixels, predictor.spec)))
+            inputs.append(item.pixels)
             good.append((i, hashlib.sha256(item.pixels.tobytes()).hexdigest()))
             continue
-        try:
+        try:  # read here, not by the predictor: the row names the file's digest
             data = item.data if item.path is None else Path(item.path).read_bytes()
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
@@ -122,32 +120,22 @@ def score_items(predictor: Predictor, items: Sequence[Item]) -> list[ScoreRow]:
             )
             continue
         data = data or b""
-        sha = hashlib.sha256(data).hexdigest()
-        try:
-            arrays.append(predictor.prepare(data))
-            good.append((i, sha))
-        except ImageError as exc:
-            rows[i] = _error_row(predictor, item.key, sha, exc.code, exc.message)
-        except Exception as exc:  # a decoder bug must cost one row, not the archive
-            log.warning("unexpected error decoding %s", item.key, exc_info=True)
-            rows[i] = _error_row(
-                predictor, item.key, sha, "unexpected_error", f"{type(exc).__name__}: {exc}"
-            )
-    if arrays:
-        preds = predictor.predict_prepared(arrays)
-        for (i, sha), p in zip(good, preds, strict=True):
-            if isinstance(p, ImageError):  # refused by the input check
-                rows[i] = _error_row(predictor, items[i].key, sha, p.code, p.message, p.code)
-                continue
-            rows[i] = ScoreRow(
-                items[i].key,
-                sha,
-                p.label,
-                p.p_normal,
-                p.p_pneumonia,
-                p.threshold,
-                predictor.sha256,
-                p.check.outcome if p.check is not None else None,
-                None,
-            )
+        inputs.append(data)
+        good.append((i, hashlib.sha256(data).hexdigest()))
+    for (i, sha), p in zip(good, predictor.predict(inputs), strict=True):
+        if not isinstance(p, Prediction):  # undecodable, or refused by the input check
+            refused = p.code if isinstance(p, NotAChestXrayError) else None
+            rows[i] = _error_row(predictor, items[i].key, sha, p.code, p.message, refused)
+            continue
+        rows[i] = ScoreRow(
+            items[i].key,
+            sha,
+            p.label,
+            p.p_normal,
+            p.p_pneumonia,
+            p.threshold,
+            predictor.sha256,
+            p.check.outcome if p.check is not None else None,
+            None,
+        )
     return [r for r in rows if r is not None]

@@ -17,8 +17,8 @@ import anyio
 import anyio.to_thread
 
 from pneumonia.heatmap import MAX_OVERLAY_SIDE, overlay_png
-from pneumonia.predictor import Prediction, Predictor
-from pneumonia.preprocess import ImageError, Preprocessed, preprocess_image
+from pneumonia.predictor import ItemError, Prediction, Predictor, StageTimes
+from pneumonia.preprocess import ImageError, Preprocessed
 from pneumonia.serve.errors import ApiError
 
 T = TypeVar("T")
@@ -107,44 +107,35 @@ class InferenceQueue:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What one job produced: a result or an image error per input, and where time went."""
+    """What one job produced: a result or an error per input, and where time went."""
 
-    outcomes: list[Prediction | ImageError]
+    outcomes: list[Prediction | ImageError | ItemError]
     heatmap_png: bytes | None
     decode_s: float
     inference_s: float
 
 
 def predict_job(predictor: Predictor, images: list[bytes], heatmap: bool = False) -> JobResult:
-    """Decode every image, classify the decodable ones in one model call.
+    """Decode and classify the images through ``Predictor.predict``, the batch path every
+    command takes, so the service's scores and input-check verdicts equal the CLI's.
 
-    Runs in a worker thread. Each image goes through ``preprocess_image`` with the model's
-    spec and ``predictor.predict_prepared`` (the path of ``pneumonia predict``), so the
-    service's scores and input-check verdicts equal the CLI's. A heatmap, if asked, is drawn
-    for the first image only, on the view that call keeps.
+    Runs in a worker thread. A heatmap, if asked, is drawn for the first image only, on a
+    view decoded sharp enough for the overlay.
     """
-    t0 = time.perf_counter()
-    errors: dict[int, ImageError] = {}
-    inputs: list[Preprocessed] = []
+    items: list[bytes | Preprocessed | ImageError] = list(images)
     gray = None
-    for i, data in enumerate(images):
-        view_side = MAX_OVERLAY_SIDE if heatmap and i == 0 else None
+    times = StageTimes()
+    if heatmap and images:
+        t0 = time.perf_counter()
         try:
-            pre = preprocess_image(data, predictor.spec, view_side=view_side)
-            inputs.append(pre)
-            if pre.view is not None:
-                gray = pre.view
+            first = predictor.prepare(images[0], view_side=MAX_OVERLAY_SIDE)
+            gray, items[0] = first.view, first
         except ImageError as exc:
-            errors[i] = exc
-    t1 = time.perf_counter()
-    preds = predictor.predict_prepared(inputs, with_cam=heatmap)
-    t2 = time.perf_counter()
-    it = iter(preds)
-    outcomes: list[Prediction | ImageError] = [
-        errors[i] if i in errors else next(it) for i in range(len(images))
-    ]
+            items[0] = exc
+        times.decode_s += time.perf_counter() - t0
+    outcomes = list(predictor.predict(items, with_cam=heatmap, times=times))
     png = None
-    first = outcomes[0] if outcomes else None
-    if gray is not None and isinstance(first, Prediction) and first.cam is not None:
-        png = overlay_png(gray, first.cam, first.label)
-    return JobResult(outcomes, png, decode_s=t1 - t0, inference_s=t2 - t1)
+    top = outcomes[0] if outcomes else None
+    if gray is not None and isinstance(top, Prediction) and top.cam is not None:
+        png = overlay_png(gray, top.cam, top.label)
+    return JobResult(outcomes, png, decode_s=times.decode_s, inference_s=times.inference_s)

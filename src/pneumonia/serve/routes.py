@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from pneumonia.guard import NotAChestXrayError
-from pneumonia.predictor import Prediction
+from pneumonia.predictor import ItemError, Prediction
 from pneumonia.preprocess import ImageError, sniff_format
 from pneumonia.serve.errors import ApiError, openapi_responses
 from pneumonia.serve.inference import JobResult, predict_job
@@ -195,6 +195,8 @@ async def predict(
     job = await svc.queue.run(predict_job, svc.predictor, [upload.data], heatmap)
     _record(svc, job)
     outcome = job.outcomes[0]
+    if isinstance(outcome, ItemError):  # logged with its traceback where it happened
+        raise ApiError(500, "internal_error", outcome.message)
     if isinstance(outcome, ImageError):
         raise outcome
     response.headers["Cache-Control"] = "no-store"
@@ -233,7 +235,7 @@ async def predict_batch(request: Request, response: Response, svc: ServiceDep) -
     _record(svc, job)
     results: list[dict[str, Any]] = []
     for up, outcome in zip(uploads, job.outcomes, strict=True):
-        if isinstance(outcome, ImageError):
+        if isinstance(outcome, (ImageError, ItemError)):
             err = ErrorDetail(code=outcome.code, message=outcome.message)
             results.append(BatchError(filename=up.filename, error=err).model_dump())
         else:

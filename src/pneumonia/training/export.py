@@ -296,7 +296,9 @@ def export_run(
     check_x = torch.rand(4, *cfg.preprocess.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref_logit, ref_cam, ref_emb = net(check_x)
-    logits, cams, emb = Predictor(out, threads=1).run_all(check_x.numpy())
+    got = Predictor(out, threads=1).scores(check_x.numpy(), cams=True)
+    logits, cams, emb = got.logits, got.cams, got.features
+    assert cams is not None
     # Logits agree absolutely; CAMs relative to their scale (the baseline's per-pixel map is
     # the logit's 1024 terms times 1024, so float32 rounding alone reaches 1e-4 there).
     cam_scale = max(1.0, float(np.abs(ref_cam.numpy()).max()))
