@@ -153,8 +153,9 @@ def test_score_loads_no_training_plotting_or_progress(tiny_model: Path, tmp_path
 
 
 def test_serving_path_imports_no_training_or_plotting_stack(tiny_model: Path) -> None:
-    """The service must fit 256 MB: no torch, matplotlib, pandas or scikit-learn, even after
-    handling requests (import at start-up and lazily on the request path are both checked).
+    """The service must fit 256 MB: no torch, matplotlib, pandas, scikit-learn or the onnx
+    package (onnxruntime reads the model; onnx is for export and site models: issue 23), even
+    after handling requests (import at start-up and lazily on the request path are both checked).
     (No tqdm here: pydicom loads it when installed; the guarded tests above block it.)"""
     script = f"""
 import sys, warnings
@@ -174,7 +175,7 @@ with TestClient(create_app(Settings(model_path={str(tiny_model)!r}, input_check=
     dcm = dicom_bytes(np.full((64, 64), 7, np.uint16))
     assert c.post("/predict", files={{"file": ("a.dcm", dcm)}}).status_code == 200
     c.get("/metrics"); c.get("/docs"); c.get("/")
-heavy = ("torch", "matplotlib", "pandas", "sklearn", "scipy", "tensorflow", "pneumonia.training")
+heavy = ("torch", "matplotlib", "pandas", "sklearn", "scipy", "tensorflow", "onnx", "pneumonia.training")
 print(",".join(sorted(m for m in heavy if m in sys.modules)))
 """
     out = subprocess.run(
@@ -294,3 +295,30 @@ def test_card_renders_without_torch(tiny_model: Path, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "c.md").read_text().startswith("# Model card: pneumonia-tiny-test")
     assert attempts(report) == []
+
+
+def test_onnxruntime_sessions_open_in_one_place() -> None:
+    """Issue 23: a session option measured in docs/benchmarks.md (bench_session.py) holds for
+    every session only if every session opens through ``predictor.open_session``: no other
+    function in src/ builds an ``InferenceSession`` or ``SessionOptions``."""
+    import ast
+
+    found = set()
+    for path in sorted((REPO / "src").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        owner = {}  # each node's innermost enclosing function
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(func):
+                    owner[id(node)] = func.name  # inner functions are walked later and win
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name in ("InferenceSession", "SessionOptions"):
+                    where = owner.get(id(node), "<module>")
+                    found.add((path.relative_to(REPO).as_posix(), where, name))
+    assert found == {
+        ("src/pneumonia/predictor.py", "open_session", "InferenceSession"),
+        ("src/pneumonia/predictor.py", "open_session", "SessionOptions"),
+    }

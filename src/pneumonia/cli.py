@@ -511,9 +511,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"pneumonia serve: error: {settings_error_message(exc)}", file=sys.stderr)
         return 2
+    from pneumonia.serve.settings import load_predictor
+
+    # The model opens before the web stack (fastapi, uvicorn) is imported: onnxruntime's graph
+    # optimization holds about 18 MB more while the session opens than after, and without the
+    # web stack resident yet that transient no longer sets the service's peak RSS (issue 23:
+    # benchmarks/bench_session.py, docs/benchmarks.md).
+    predictor = load_predictor(settings)
     from pneumonia.serve.app import serve
 
-    return serve(settings)
+    return serve(settings, predictor)
 
 
 def cmd_score(a: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from pneumonia.serve.middleware import (
     ObservabilityMiddleware,
 )
 from pneumonia.serve.routes import api, document_settings
-from pneumonia.serve.settings import Settings
+from pneumonia.serve.settings import Settings, load_predictor
 from pneumonia.serve.state import Service
 from pneumonia.serve.web import web
 
@@ -42,20 +42,6 @@ Pneumonia detection on pediatric chest X-rays, served with onnxruntime.
 
 Errors always have the shape `{"error": {"code": ..., "message": ...}}`.
 """
-
-
-def load_predictor(settings: Settings) -> Predictor:
-    """The model named by the settings, with the configured thread count.
-
-    Raises:
-        ModelLoadError: missing, corrupt or incomplete model file.
-    """
-    return Predictor(
-        settings.model_path,
-        threads=settings.inference_threads,
-        refuse=settings.input_check == "refuse",
-        use_headers=settings.input_check_headers == "use",
-    )
 
 
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
@@ -134,8 +120,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     return app
 
 
-def serve(settings: Settings) -> int:
-    """Load the model, then run the app under uvicorn until SIGINT/SIGTERM.
+def serve(settings: Settings, predictor: Predictor | None = None) -> int:
+    """Load the model (unless given), then run the app under uvicorn until SIGINT/SIGTERM.
 
     On SIGTERM uvicorn stops accepting connections and lets requests in flight finish (up to
     ``graceful_timeout_s``) before the process exits with status 0.
@@ -150,7 +136,7 @@ def serve(settings: Settings) -> int:
 
     from pneumonia.serve.logs import configure_logging
 
-    predictor = load_predictor(settings)
+    predictor = predictor or load_predictor(settings)
     configure_logging(settings.log_level)
     config = uvicorn.Config(
         create_app(settings, predictor),

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pneumonia.predictor import shipped_model_path
+from pneumonia.predictor import Predictor, shipped_model_path
 
 MIB = 1024 * 1024
 
@@ -108,3 +108,17 @@ def settings_error_message(exc: ValidationError) -> str:
         got = "" if name == "api_key" else f" (got {err.get('input')!r})"
         parts.append(f"{name.upper()}: {err['msg']}{got}")
     return "invalid settings: " + "; ".join(parts)
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    """The model named by the settings, with the configured thread count.
+
+    Raises:
+        ModelLoadError: missing, corrupt or incomplete model file.
+    """
+    return Predictor(
+        settings.model_path,
+        threads=settings.inference_threads,
+        refuse=settings.input_check == "refuse",
+        use_headers=settings.input_check_headers == "use",
+    )
