@@ -129,6 +129,70 @@ open_session(Path(sys.argv[1]), 1)
 """
 
 
+#: What the service imports, in the order it first needs them: each group's resident memory and
+#: modules, measured one after the other in one fresh process (``_IMPORTS``). The last rows are
+#: the project's own modules on top of the libraries.
+IMPORT_GROUPS = (
+    ("numpy", "numpy"),
+    ("Pillow", "PIL.Image"),
+    ("onnxruntime", "onnxruntime"),
+    ("fastapi (pydantic, starlette, opentelemetry-api, email)", "fastapi"),
+    ("uvicorn (click, h11)", "uvicorn"),
+    ("pydantic-settings (dotenv)", "pydantic_settings"),
+    ("prometheus-client", "prometheus_client"),
+    ("python-multipart", "python_multipart"),
+    ("pneumonia: predictor, card, checks, preprocess", "pneumonia.predictor"),
+    ("pneumonia: cli, serve", "pneumonia.cli,pneumonia.serve.app"),
+)
+#: Never to be imported by the service (tests/test_boundaries.py holds it to this too).
+NOT_SERVING = ("torch", "matplotlib", "tqdm", "onnx", "sklearn", "pandas", "scipy", "pydicom")
+_IMPORTS = """
+import importlib, json, os, sys
+from pneumonia.serve.heap import fix_mmap_threshold
+fix_mmap_threshold()
+def kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+rows, last = [["the interpreter, pneumonia/__init__, serve.heap", kib(), len(sys.modules)]], kib()
+for label, names in json.loads(sys.argv[1]):
+    n = len(sys.modules)
+    for name in names.split(","):
+        importlib.import_module(name)
+    now = kib()
+    rows.append([label, now - last, len(sys.modules) - n])
+    last = now
+banned = [m for m in json.loads(sys.argv[2]) if m in sys.modules]
+print(json.dumps({"rows": rows, "total_kib": last, "modules": len(sys.modules), "banned": banned}))
+"""
+
+
+def imports() -> dict[str, Any]:
+    """The service's imports, one group at a time (see ``IMPORT_GROUPS``)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS, json.dumps(IMPORT_GROUPS), json.dumps(NOT_SERVING)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def import_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| imported | RSS MB | modules |", "|---|---|---|"]
+    for i, row in enumerate(runs[0]["rows"]):
+        kib = statistics.median(r["rows"][i][1] for r in runs)
+        sign = "" if i == 0 else "+"
+        lines.append(f"| {row[0]} | {sign}{kib * 1024 / MB:.1f} | {row[2]} |")
+    total = statistics.median(r["total_kib"] for r in runs) * 1024 / MB
+    lines.append(
+        f"| **all of the above** | **{total:.1f}** | {runs[0]['modules']} |"
+    )
+    return "\n".join(lines)
+
+
 #: The probe's extra row: the graph saved as onnxruntime optimized it, opened unoptimized (a
 #: cache of the optimized model; the service would refuse it: its weights digest differs).
 PRE_OPTIMIZED = "optimized copy, optimization off"
@@ -272,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             off = {"attrs": {"graph_optimization_level": "ORT_DISABLE_ALL"}}
             probes[PRE_OPTIMIZED].append(probe(optimized, off))
             probes[EARLY].append(probe(model, {}, early=True))
+        import_runs = [imports() for _ in range(a.rounds)]
         log("session probe done")
         up = make_upload(a.image, work)
         log(f"upload: {up.size[0]}x{up.size[1]}, {len(up.data):,} bytes ({up.source})")
@@ -306,10 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         f"({model.stat().st_size / 1e6:.2f} MB). {os.cpu_count()} CPUs; load average "
         f"{load_before} before, {load_after} after."
     )
+    print("\n" + import_table(import_runs))
+    banned = sorted({m for r in import_runs for m in r["banned"]})
+    print(
+        f"\nThe imports: one fresh process, the groups imported in this order; medians of "
+        f"{a.rounds}. Of {', '.join(NOT_SERVING)}: "
+        + (f"LOADED: {', '.join(banned)}." if banned else "none loaded.")
+    )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(
-            json.dumps({"model": str(model), "servers": results, "probes": probes}, indent=2)
+            json.dumps(
+                {"model": str(model), "servers": results, "probes": probes, "imports": import_runs},
+                indent=2,
+            )
         )
     return 0
 
