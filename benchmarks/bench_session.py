@@ -187,9 +187,7 @@ def import_table(runs: list[dict[str, Any]]) -> str:
         sign = "" if i == 0 else "+"
         lines.append(f"| {row[0]} | {sign}{kib * 1024 / MB:.1f} | {row[2]} |")
     total = statistics.median(r["total_kib"] for r in runs) * 1024 / MB
-    lines.append(
-        f"| **all of the above** | **{total:.1f}** | {runs[0]['modules']} |"
-    )
+    lines.append(f"| **all of the above** | **{total:.1f}** | {runs[0]['modules']} |")
     return "\n".join(lines)
 
 
