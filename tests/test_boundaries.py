@@ -25,7 +25,7 @@ from conftest import jpeg_bytes, synthetic_xray
 from serve_util import running_server, serve_command
 
 REPO = Path(__file__).resolve().parents[1]
-BANNED = ("torch", "matplotlib", "tqdm", "pneumonia.training")
+BANNED = ("torch", "matplotlib", "tqdm", "pneumonia.training", "onnxruntime.quantization")
 
 #: Runs first in every interpreter started with the guard on PYTHONPATH (spawned workers too).
 #: An attempt is written down at once: pool workers leave by os._exit, without atexit.
@@ -153,9 +153,10 @@ def test_score_loads_no_training_plotting_or_progress(tiny_model: Path, tmp_path
 
 
 def test_serving_path_imports_no_training_or_plotting_stack(tiny_model: Path) -> None:
-    """The service must fit 256 MB: no torch, matplotlib, pandas, scikit-learn or the onnx
-    package (onnxruntime reads the model; onnx is for export and site models: issue 23), even
-    after handling requests (import at start-up and lazily on the request path are both checked).
+    """The service must fit 256 MB: no torch, matplotlib, pandas, scikit-learn, the onnx
+    package (onnxruntime reads the model; onnx is for export and site models: issue 23) or int8
+    quantization (the train extra's), even after handling requests (import at start-up and
+    lazily on the request path are both checked).
     (No tqdm here: pydicom loads it when installed; the guarded tests above block it.)"""
     script = f"""
 import sys, warnings
@@ -175,7 +176,10 @@ with TestClient(create_app(Settings(model_path={str(tiny_model)!r}, input_check=
     dcm = dicom_bytes(np.full((64, 64), 7, np.uint16))
     assert c.post("/predict", files={{"file": ("a.dcm", dcm)}}).status_code == 200
     c.get("/metrics"); c.get("/docs"); c.get("/")
-heavy = ("torch", "matplotlib", "pandas", "sklearn", "scipy", "tensorflow", "onnx", "pneumonia.training")
+heavy = (
+    "torch", "matplotlib", "pandas", "sklearn", "scipy", "tensorflow", "onnx",
+    "pneumonia.training", "onnxruntime.quantization",
+)
 print(",".join(sorted(m for m in heavy if m in sys.modules)))
 """
     out = subprocess.run(
@@ -185,7 +189,7 @@ print(",".join(sorted(m for m in heavy if m in sys.modules)))
 
 
 def test_the_lint_rule_bans_them_everywhere_but_their_homes() -> None:
-    """The static rule: ruff TID251 bans all four, and only their homes are exempt."""
+    """The static rule: ruff TID251 bans all five, and only their homes are exempt."""
     lint = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
     assert "TID251" in lint["extend-select"]
     assert set(BANNED) <= set(lint["flake8-tidy-imports"]["banned-api"])

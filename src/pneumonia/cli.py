@@ -256,19 +256,38 @@ def cmd_export(a: argparse.Namespace) -> int:
     from pneumonia.training.export import export_run
 
     card = export_run(a.run_dir, a.out, name=a.name, version=a.model_version)
-    print(
-        json.dumps(
-            {
-                "model": str(a.out),
-                "name": card["name"],
-                "version": card["version"],
-                "sha256": card["sha256"],
-                "weights_sha256": card["weights_sha256"],
-                "bytes": card["bytes"],
-                "threshold": card["threshold"],
-            }
+    _print_model(a.out, card)
+    if a.quantize:
+        from pneumonia.training.quantize import quantize_run, quantized_path
+
+        out = quantized_path(a.out)
+        _print_model(out, quantize_run(a.run_dir, a.out, out, films=a.calibration_films))
+    return 0
+
+
+def _print_model(path: Path, card: dict[str, Any]) -> None:
+    """One JSON line naming a written model file."""
+    keys = ("name", "version", "sha256", "weights_sha256", "bytes", "threshold")
+    print(json.dumps({"model": str(path), **{k: card[k] for k in keys}}))
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from pneumonia.training.quantize import QuantizeError, quantize_file
+
+    try:
+        card = quantize_file(
+            a.model,
+            a.data,
+            a.out,
+            films=a.calibration_films,
+            version=a.model_version,
+            threads=a.threads,
+            progress=not a.no_progress,
         )
-    )
+    except QuantizeError as exc:
+        print(f"pneumonia quantize: error: {exc}", file=sys.stderr)
+        return 2
+    _print_model(a.out, card)
     return 0
 
 
@@ -904,7 +923,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the model's own version in the card (default 0.1.0; releases set theirs, docs/model.md)",
     )
+    e.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also write a static int8 (QDQ, per-channel) copy beside OUT (model.int8.onnx), "
+        "calibrated on training films of the run's split, its calibration, threshold and input "
+        "check refitted on its own outputs (docs/model.md)",
+    )
+    e.add_argument(
+        "--calibration-films",
+        type=int,
+        help="training films that set the int8 ranges (default: the documented number, "
+        "pneumonia.training.quantize.CALIBRATION_FILMS)",
+    )
     e.set_defaults(func=cmd_export)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="static int8 copy of an exported model, refitted on its own outputs",
+        description="Quantize MODEL to int8 (static, QDQ, per-channel) and write OUT with its "
+        "card. The split MODEL was trained on is drawn again from its card's training config "
+        "(refused unless its counts are the card's); the int8 ranges come from training films "
+        "only, and calibration, threshold and input check are refitted on OUT's own outputs by "
+        "the rules the card records. Needs the `train` extra. See docs/model.md.",
+    )
+    qz.add_argument("model", type=Path, help="the exported fp32 .onnx model (only read)")
+    qz.add_argument(
+        "--data", type=Path, required=True, help="the training data root MODEL was trained on"
+    )
+    qz.add_argument("--out", type=Path, required=True, help="the int8 model to write (.onnx)")
+    qz.add_argument(
+        "--calibration-films",
+        type=int,
+        help="training films that set the int8 ranges (default: the documented number, "
+        "pneumonia.training.quantize.CALIBRATION_FILMS)",
+    )
+    qz.add_argument(
+        "--version",
+        dest="model_version",
+        help="the int8 model's version (default: the base's with +int8, e.g. 2.0.0+int8)",
+    )
+    qz.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
+    qz.add_argument("--no-progress", action="store_true")
+    qz.set_defaults(func=cmd_quantize)
 
     v = sub.add_parser(
         "evaluate",

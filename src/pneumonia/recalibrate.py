@@ -312,8 +312,12 @@ def files_digest(keys: Sequence[str]) -> str:
 
 def site_version(version: str, files_sha256: str) -> str:
     """A site model's version: its base's, with the site's file-list digest as semver build
-    metadata (``2.0.0+site.1a2b3c4d``), so two sites' files never share a version."""
-    return f"{version.split('+')[0]}+site.{files_sha256[:8]}"
+    metadata (``2.0.0+site.1a2b3c4d``), so two sites' files never share a version. The base's
+    own build tag stays in front (an int8 base: ``2.0.0+int8.site.1a2b3c4d``); an earlier
+    site's tag is replaced."""
+    core, _, build = version.partition("+")
+    kept = build.split("site.")[0].rstrip(".")
+    return f"{core}+{kept + '.' if kept else ''}site.{files_sha256[:8]}"
 
 
 def site_card(

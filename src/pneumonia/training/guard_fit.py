@@ -69,7 +69,7 @@ def onnx_features(net: Any, input_shape: tuple[int, ...], threads: int) -> Featu
     from torch import nn
 
     from pneumonia.guard import EMBEDDING_OUTPUT
-    from pneumonia.predictor import INPUT_NAME, open_session
+    from pneumonia.predictor import open_session
     from pneumonia.training.export import traced_graph
 
     class _Features(nn.Module):
@@ -81,7 +81,14 @@ def onnx_features(net: Any, input_shape: tuple[int, ...], threads: int) -> Featu
             return self.net.guard_features(x)
 
     proto = traced_graph(_Features().eval(), input_shape, [EMBEDDING_OUTPUT])
-    sess = open_session(proto.SerializeToString(), threads)
+    return session_features(open_session(proto.SerializeToString(), threads))
+
+
+def session_features(sess: Any) -> Features:
+    """The ``embedding`` rows of an onnxruntime session's graph (a traced network's features,
+    or an exported or quantized model file), run a chunk at a time."""
+    from pneumonia.guard import EMBEDDING_OUTPUT
+    from pneumonia.predictor import INPUT_NAME
 
     def features(x: np.ndarray) -> np.ndarray:
         parts = [
@@ -152,10 +159,47 @@ def fit_run_guard(
         probe = torch.zeros(1, *cfg.preprocess.input_shape)
         head_dim = int(net.embed(probe).shape[1])
     features = onnx_features(net, cfg.preprocess.input_shape, threads)
-    train_f = embed_samples(features, split.train, cfg.preprocess, progress)
-    val_x = load_images(split.val, cfg.preprocess).x
+    guard = fit_split_guard(
+        features,
+        split,
+        cfg.preprocess,
+        cfg.split_seed,
+        head_dim,
+        {"members_sha256": [sha256_file(p) for p in checkpoints]},
+        components=components,
+        flag_quantile=flag_quantile,
+        mid_components=mid_components,
+        progress=progress,
+    )
+    run.guard.write_text(json.dumps(guard.to_dict()) + "\n")
+    return guard
+
+
+def fit_split_guard(
+    features: Features,
+    split: RecordedSplit,
+    spec: PreprocessSpec,
+    seed: int,
+    head_dim: int,
+    fitted: dict[str, Any],
+    components: int = DEFAULT_COMPONENTS,
+    flag_quantile: float = FLAG_QUANTILE,
+    mid_components: int = DEFAULT_MID_COMPONENTS,
+    progress: bool = False,
+) -> FeatureGuard:
+    """The input check of the model whose ``embedding`` rows ``features`` gives, on ``split``:
+    statistics from its training films, thresholds from its validation films as they are and
+    under every simulated shift of site (drawn with ``seed``). The one fit of a run's check
+    (:func:`fit_run_guard`) and of a quantized file's (:mod:`pneumonia.training.quantize`).
+
+    Args:
+        head_dim: How many of the ``embedding`` values are the pooled penultimate features.
+        fitted: Provenance to store besides where it was fitted (which weights).
+    """
+    train_f = embed_samples(features, split.train, spec, progress)
+    val_x = load_images(split.val, spec).x
     val_f = features(val_x)
-    shifted = shifted_features(features, val_x, cfg.split_seed, progress)
+    shifted = shifted_features(features, val_x, seed, progress)
     guard = fit_feature_guard(
         train_f,
         val_f,
@@ -166,14 +210,13 @@ def fit_run_guard(
                 f"training split of {split.root} ({split.description}); "
                 "thresholds from its validation split"
             ),
-            "members_sha256": [sha256_file(p) for p in checkpoints],
+            **fitted,
             "split_sha256": split.sha256,
         },
         head_dim=head_dim,
         shifted=shifted,
         mid_components=mid_components,
     )
-    run.guard.write_text(json.dumps(guard.to_dict()) + "\n")
     log.info(
         "input check fitted on %d training films, thresholds from %d validation films "
         "(and %d shifted copies): flag at %.3f, refuse at mid-level distance %.3f",

@@ -431,7 +431,15 @@ def _inference_fn(
             dynamo=False,
         )
         sess = open_session(path, torch.get_num_threads())
-    return lambda b: torch.from_numpy(sess.run(["logit"], {"image": b.numpy()})[0])
+    return session_logits(sess)
+
+
+def session_logits(sess: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of a batch through an onnxruntime session whose graph gives ``logit``: how the
+    stressed validation scores a member on the CPU, and an exported (or quantized) file."""
+    from pneumonia.predictor import INPUT_NAME
+
+    return lambda b: torch.from_numpy(sess.run(["logit"], {INPUT_NAME: b.numpy()})[0])
 
 
 def ensemble_stressed(members: list[nn.Module], val: LoadedImages, seed: int) -> StressedScores:
@@ -602,27 +610,26 @@ CLEAN_VALIDATION = "the clean validation split"
 POOLED_STRESSED = "the pooled stressed validation"
 
 
-def _write_calibration(
-    cfg: TrainConfig,
-    out: Path,
-    val_d: LoadedImages,
-    stressed: StressedScores,
-    members: list[dict[str, Any]],
-    data_summary: dict[str, Any],
-) -> dict[str, Any]:
-    """Fit temperature and bias and pick the threshold on validation; write calibration.json."""
+def calibration_record(cfg: TrainConfig, stressed: StressedScores) -> dict[str, Any]:
+    """Temperature and bias, the threshold and the validation figures, by ``cfg``'s rules
+    (``calibrate_on``, ``threshold_rule``, ``min_sensitivity``) on the stressed validation
+    ``stressed`` (clean included): the one place they are fitted, for a training run and for
+    a quantized file refitted on its own outputs (:mod:`pneumonia.training.quantize`).
+
+    Returns:
+        The record ``calibration.json`` holds, without the run's members and data summary.
+    """
+    y = stressed.y
     logits = stressed.logits["clean"]
     pooled_y, pooled_logits = stressed.pooled()
     if cfg.calibrate_on == "stressed":
         temperature, bias = fit_calibration(pooled_logits, pooled_y)
     else:
-        temperature, bias = fit_calibration(logits, val_d.y)
+        temperature, bias = fit_calibration(logits, y)
     prob = calibrated_probability(logits, temperature, bias)
     pooled_prob = calibrated_probability(pooled_logits, temperature, bias)
     # The sensitivity floor on the clean validation, Youden's J on the pooled stressed one.
-    pick = pick_threshold(
-        cfg.threshold_rule, val_d.y, prob, cfg.min_sensitivity, pooled_y, pooled_prob
-    )
+    pick = pick_threshold(cfg.threshold_rule, y, prob, cfg.min_sensitivity, pooled_y, pooled_prob)
     threshold = pick.threshold
     choice = ThresholdChoice(
         cfg.threshold_rule,
@@ -632,7 +639,7 @@ def _write_calibration(
         pick.bound_by,
     )
     stress = stressed_report(
-        val_d.y,
+        y,
         {k: calibrated_probability(z, temperature, bias) for k, z in stressed.logits.items()},
         threshold,
     )
@@ -656,19 +663,34 @@ def _write_calibration(
             else CLEAN_VALIDATION
         ),
         "validation": {
-            "n": len(val_d.y),
-            "auc": roc_auc(val_d.y, prob),
-            "nll_before_calibration": nll(logits, val_d.y),
-            "nll": nll(logits, val_d.y, temperature, bias),
-            "brier": brier(val_d.y, prob),
-            "ece": expected_calibration_error(val_d.y, prob),
-            **threshold_metrics(val_d.y, prob, threshold),
+            "n": len(y),
+            "auc": roc_auc(y, prob),
+            "nll_before_calibration": nll(logits, y),
+            "nll": nll(logits, y, temperature, bias),
+            "brier": brier(y, prob),
+            "ece": expected_calibration_error(y, prob),
+            **threshold_metrics(y, prob, threshold),
         },
         "calibrate_on": cfg.calibrate_on,
         "stressed_validation": stress,
-        "members": members,
-        "data": data_summary,
     }
+    log.info("validation: %s", json.dumps(record["validation"]))
+    log.info("stressed validation worst case: %s", json.dumps(stress["worst"]))
+    return record
+
+
+def _write_calibration(
+    cfg: TrainConfig,
+    out: Path,
+    val_d: LoadedImages,
+    stressed: StressedScores,
+    members: list[dict[str, Any]],
+    data_summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Fit temperature and bias and pick the threshold on validation; write calibration.json."""
+    record = {**calibration_record(cfg, stressed), "members": members, "data": data_summary}
+    logits = stressed.logits["clean"]
+    prob = calibrated_probability(logits, record["temperature"], record["bias"])
     atomic.write_text(RunFolder(out).calibration, json.dumps(record, indent=2) + "\n")
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
@@ -676,8 +698,6 @@ def _write_calibration(
     for s, lab, z, p in zip(val_d.samples, val_d.y, logits, prob, strict=True):
         w.writerow([str(s.path), int(lab), f"{z:.6f}", f"{p:.6f}"])
     atomic.write_text(RunFolder(out).val_predictions, rows.getvalue())
-    log.info("validation: %s", json.dumps(record["validation"]))
-    log.info("stressed validation worst case: %s", json.dumps(stress["worst"]))
     return record
 
 
