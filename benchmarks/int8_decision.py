@@ -63,8 +63,6 @@ AUC_TOLERANCE = 0.002
 BALANCED_ACCURACY_TOLERANCE = 0.005
 #: Criteria 5 and 6: the issue's "refused as before (at most one image fewer)".
 ONE_IMAGE = 1
-#: Films per onnxruntime run of the input check (bounds memory, not results).
-BATCH = 64
 
 
 def log(msg: str) -> None:
@@ -86,12 +84,7 @@ def measure(path: Path, data: Path, nonxray: Path | None, threads: int) -> dict[
     report = stressed_report(val.y, probs, p.threshold)
     pooled_y, pooled_z = stressed.pooled()
     pooled_p = calibrated_probability(pooled_z, p.temperature, p.bias)
-    checks = []
-    for i in range(0, len(val.x), BATCH):
-        x = val.x[i : i + BATCH]
-        _, _, emb = p.run_all(x)
-        checks += p.check_inputs(x, emb)
-    val_outcomes = [c.outcome for c in checks]
+    val_outcomes = [c.outcome for c in p.scores(val.x).checks]
     out: dict[str, Any] = {
         "model": {**p.identity(), "file": str(path)},
         "split_sha256": split.sha256,
