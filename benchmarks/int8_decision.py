@@ -11,8 +11,9 @@ checked), never the test folder. The int8 file ships only if every criterion hol
    :data:`AUC_TOLERANCE` of fp32's, either way.
 2. **Worst case**: the worst stressed balanced accuracy, each model at its own threshold and
    calibration, within :data:`BALANCED_ACCURACY_TOLERANCE` of fp32's, either way.
-3. **Refit by the same rules**: the int8 card's threshold rule, sensitivity floor and
-   calibration data are the fp32 card's, and its weights are the quantized ones (a
+3. **Refit by the same rules**: the int8 card's threshold rule, sensitivity floor, the films
+   each was applied to and the stressed validation (perturbations, seed) are the fp32 card's
+   (:func:`rules`), and its weights are the quantized ones (a
    ``quantization`` record, the fp32 file in its lineage). The refitted figures (ECE, threshold,
    sensitivity) are reported beside fp32's.
 4. **Input check, validation films**: none refused by the int8 file's whole check (image
@@ -102,12 +103,7 @@ def measure(path: Path, data: Path, nonxray: Path | None, threads: int) -> dict[
         "pooled_ece": expected_calibration_error(pooled_y, pooled_p),
         "validation_refused": sum(o in REFUSED_OUTCOMES for o in val_outcomes),
         "validation_outcomes": {o: val_outcomes.count(o) for o in sorted(set(val_outcomes))},
-        "rule": {
-            "threshold_rule": p.card.threshold_rule.rule,
-            "min_sensitivity": p.card.threshold_rule.min_sensitivity,
-            "threshold_fitted_on": p.card.threshold_rule.fitted_on,
-            "calibration_fitted_on": p.card.calibration.fitted_on,
-        },
+        "rule": rules(p.card),
         "frontal_check": p.frontal is not None,
     }
     if nonxray is not None:
@@ -115,6 +111,26 @@ def measure(path: Path, data: Path, nonxray: Path | None, threads: int) -> dict[
         res, _ = outcomes(p, files)
         out["nonradiographs_dev"] = rates(res)
     return out
+
+
+def rules(card: Any) -> dict[str, Any]:
+    """What a card records of how its calibration and threshold were fitted: the threshold
+    rule, its floor and the films each part was applied to; the calibration's films by name
+    (the card's sentence up to its parenthesis: the explanation after it was reworded between
+    the code that made v2 and today's, "under fixed perturbations, clean included" vs "as it
+    is and under 11 fixed perturbations", the same films); the stressed validation's
+    perturbations and seed."""
+    tr = card.threshold_rule
+    stressed = card.stressed_validation or {}
+    return {
+        "threshold_rule": tr.rule,
+        "min_sensitivity": tr.min_sensitivity,
+        "threshold_fitted_on": tr.fitted_on,
+        "youden_on": tr.youden_on,
+        "calibration_fitted_on": card.calibration.fitted_on.split(" (")[0],
+        "perturbations": sorted(stressed.get("perturbations", {})),
+        "stress_seed": stressed.get("seed"),
+    }
 
 
 def frontal_counts(report: dict[str, Any]) -> dict[str, int]:
