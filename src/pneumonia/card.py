@@ -1147,6 +1147,17 @@ def render_markdown(
             + (f", file sha256 `{ref.sha256}`" if ref.sha256 else "")
             + f"): {ref.relation or 'relation not recorded'}."
         )
+    q = card.quantization
+    if q:
+        films = q.get("calibration_films") or {}
+        lines.append(
+            f"- Quantized: {q.get('method', 'method not recorded')}; weights "
+            f"{q.get('weight_type')}{' per channel' if q.get('per_channel') else ''}, "
+            f"activations {q.get('activation_type')} ({q.get('calibrate_method')} ranges from "
+            f"{films.get('n', '?')} films: {films.get('chosen', 'not recorded')}); onnxruntime "
+            f"{q.get('onnxruntime', '?')}. Refitted on its own outputs: "
+            f"{q.get('refitted', 'not recorded')}."
+        )
     lines += ["", *_training_lines(card)]
     if v:
         lines += [
