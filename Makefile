@@ -115,8 +115,8 @@ lock: install-test
 # test-look ledger (tests/test_card.py checks the committed ones are exactly this). Lean: no torch.
 cards: install-test
 	$(BIN)/pneumonia card --model artifacts/model.onnx --report artifacts/eval/test.json \
-		--baseline artifacts/baseline/eval/test.json --previous artifacts/v1/eval/test.json \
-		--previous-label "pneumonia-cnn 1.0.0 (v1)" --ledger artifacts/test_looks.json \
+		--baseline artifacts/baseline/eval/test.json --previous artifacts/v2/eval/test.json \
+		--previous-label "pneumonia-effnet_lite0 2.0.0 (v2, float32)" --ledger artifacts/test_looks.json \
 		--out artifacts/model.card.md
 	$(BIN)/pneumonia card --model artifacts/baseline/model.onnx --report artifacts/baseline/eval/test.json \
 		--ledger artifacts/test_looks.json --out artifacts/baseline/model.card.md

@@ -297,9 +297,9 @@ def test_committed_cards_are_rendered_from_records(tmp_path: Path) -> None:
             "--baseline",
             str(art / "baseline" / "eval" / "test.json"),
             "--previous",
-            str(art / "v1" / "eval" / "test.json"),
+            str(art / "v2" / "eval" / "test.json"),
             "--previous-label",
-            "pneumonia-cnn 1.0.0 (v1)",
+            "pneumonia-effnet_lite0 2.0.0 (v2, float32)",
         ],
         art / "baseline" / "model.card.md": [
             "--model",

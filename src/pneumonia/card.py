@@ -1141,12 +1141,21 @@ def render_markdown(
         f"- Output: calibrated P(PNEUMONIA) = {card.calibration_sentence()}.",
         f"- Operating threshold: **{card.threshold:.4f}** on P(PNEUMONIA): {tr.description()}.",
     ]
-    for ref in card.lineage:
-        lines.append(
-            f"- Comes from {ref.name} {ref.version} (weights sha256 `{ref.weights_sha256 or 'not recorded'}`"
-            + (f", file sha256 `{ref.sha256}`" if ref.sha256 else "")
-            + f"): {ref.relation or 'relation not recorded'}."
+    # The chain runs parent by parent; an inherited relation was written by its child's card,
+    # so its "this file" is that child: quoted as that card's words, not this card's.
+    for i, ref in enumerate(card.lineage):
+        child = None if i == 0 else card.lineage[i - 1]
+        ident = f"weights sha256 `{ref.weights_sha256 or 'not recorded'}`" + (
+            f", file sha256 `{ref.sha256}`" if ref.sha256 else ""
         )
+        relation = ref.relation or "relation not recorded"
+        if child is None:
+            lines.append(f"- Comes from {ref.name} {ref.version} ({ident}): {relation}.")
+        else:
+            lines.append(
+                f"- {child.name} {child.version} comes from {ref.name} {ref.version} ({ident}); "
+                f'in its card\'s words: "{relation}".'
+            )
     q = card.quantization
     if q:
         films = q.get("calibration_films") or {}
