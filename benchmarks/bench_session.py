@@ -42,15 +42,17 @@ log = logger("bench_session")
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline (open_session)": {},
     "enable_mem_pattern off": {"attrs": {"enable_mem_pattern": False}},
-    "enable_cpu_mem_arena on": {"attrs": {"enable_cpu_mem_arena": True}},
+    "enable_cpu_mem_arena off": {"attrs": {"enable_cpu_mem_arena": False}},
     "prepacking off": {"config": {"session.disable_prepacking": "1"}},
     "intra_op_num_threads 1": {"attrs": {"intra_op_num_threads": 1}},
-    "intra-op spinning off": {"config": {"session.intra_op.allow_spinning": "0"}},
+    "intra-op spinning on": {"config": {"session.intra_op.allow_spinning": "1"}},
     "inter_op_num_threads 2": {"attrs": {"inter_op_num_threads": 2}},
     "graph optimization basic": {"attrs": {"graph_optimization_level": "ORT_ENABLE_BASIC"}},
     "graph optimization extended": {"attrs": {"graph_optimization_level": "ORT_ENABLE_EXTENDED"}},
     "malloc mmap threshold 1 MiB": {"env": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},
     "malloc mmap threshold 4 MiB": {"env": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}},
+    "malloc mmap threshold 256 KiB": {"env": {"MALLOC_MMAP_THRESHOLD_": str(256 << 10)}},
+    "malloc arenas 2": {"env": {"MALLOC_ARENA_MAX": "2"}},
 }
 
 # Wraps InferenceSession so that the variant (argv[1]) changes the options open_session built.

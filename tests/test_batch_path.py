@@ -176,3 +176,25 @@ def test_evaluate_and_recalibrate_go_through_the_batch_path(
     spy.clear()
     recalibrate_model(tiny_model, data, tmp_path / "site.onnx", split="test", folds=2, n_boot=5)
     assert spy == [13]
+
+
+def test_the_service_calls_the_model_one_image_at_a_time(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's arena keeps the largest call's activations for good: a batch upload run
+    as one call would grow the service's memory for the rest of its life."""
+    from pneumonia.serve.settings import load_predictor
+
+    p = load_predictor(Settings(model_path=tiny_model))
+    sizes: list[int] = []
+    real = p.session.run
+
+    def run(names: Any, feed: dict[str, np.ndarray]) -> Any:
+        sizes.append(len(feed["image"]))
+        return real(names, feed)
+
+    monkeypatch.setattr(p, "session", type("S", (), {"run": staticmethod(run)})())
+    job = predict_job(p, [_good(i) for i in range(5)])
+    assert sizes == [1] * 5 and all(isinstance(o, Prediction) for o in job.outcomes)
+    with pytest.raises(ValueError, match="batch"):
+        Predictor(tiny_model, batch=0)

@@ -1145,15 +1145,15 @@ def render_markdown(
     # so its "this file" is that child: quoted as that card's words, not this card's.
     for i, ref in enumerate(card.lineage):
         child = None if i == 0 else card.lineage[i - 1]
-        ident = f"weights sha256 `{ref.weights_sha256 or 'not recorded'}`" + (
+        digests = f"weights sha256 `{ref.weights_sha256 or 'not recorded'}`" + (
             f", file sha256 `{ref.sha256}`" if ref.sha256 else ""
         )
         relation = ref.relation or "relation not recorded"
         if child is None:
-            lines.append(f"- Comes from {ref.name} {ref.version} ({ident}): {relation}.")
+            lines.append(f"- Comes from {ref.name} {ref.version} ({digests}): {relation}.")
         else:
             lines.append(
-                f"- {child.name} {child.version} comes from {ref.name} {ref.version} ({ident}); "
+                f"- {child.name} {child.version} comes from {ref.name} {ref.version} ({digests}); "
                 f'in its card\'s words: "{relation}".'
             )
     q = card.quantization

@@ -94,12 +94,19 @@ def open_session(model: Path | bytes, threads: int | None = None) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or available_cpus()
     opts.inter_op_num_threads = 1
-    # The arena keeps every peak allocation for the life of the process; off, memory returns
-    # to the allocator between requests: the service's peak RSS is 5.4 MB lower for 7 ms more
-    # CPU per request (benchmarks/bench_session.py, docs/benchmarks.md). Memory patterns and
-    # prepacking stay on (their default): off, neither lowered the peak by more than 0.5 MB,
-    # and memory patterns off cost 1.38x the p50.
-    opts.enable_cpu_mem_arena = False
+    # Threads that wait between operators sleep rather than spin: on the int8 model the
+    # service's CPU per request halves (39.5 -> 19.9 ms on 2 threads) and p50 drops 13%
+    # (bench_session.py, docs/benchmarks.md); spinning burns a CPU quota that is 0.1 CPU.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The arena keeps its largest allocation for the life of the session, so each run reuses
+    # pages instead of mapping and faulting fresh ones (serve/heap.py sends every block over
+    # 64 KiB to its own mapping). On the int8 model it cuts one image on one thread from 8.1
+    # to 3.8 ms and the service's CPU per request by 4 ms (16.7 -> 12.7 ms on one core, 40 ms
+    # of wall time at 0.1 CPU) for 5.3 MB more peak RSS (bench_session.py,
+    # bench_request_cpu.py; docs/benchmarks.md). Off was the choice for the float32 model,
+    # where it saved 5.4 MB for 7 ms of CPU. Memory patterns and prepacking stay on (their
+    # default): off, neither lowered the peak by more than 1 MB, and both cost latency.
+    opts.enable_cpu_mem_arena = True
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Below ORT_ENABLE_ALL (no layout transformations) requests take 1.5x as long. Its
     # optimization holds about 18 MB more while the session opens than after, which is why
@@ -125,10 +132,13 @@ class ModelLoadError(RuntimeError):
     """The model file is missing, corrupt, or lacks what prediction needs."""
 
 
-#: Images per model call on every batch path (the service's batches, scoring, evaluation,
-#: recalibration, a site fit): large enough to amortise a call, small enough that a batch's
-#: activations stay a few tens of MB.
-BATCH = 32
+#: Images per model call on the batch path by default (scoring, evaluation, recalibration, a
+#: site fit). onnxruntime's arena (open_session) keeps the largest call's activations for the
+#: session's life, and per image a call of 8 costs what a call of 16 or 32 does on the int8
+#: model (2.8 ms on one thread; 1 image: 2.8, 2 threads: 2.4 vs 2.0 ms), so larger calls
+#: only hold more memory: about 40 MB more at 8 than at 1, 180 MB more at 16. The service
+#: makes calls of one image (serve/settings.py).
+BATCH = 8
 
 
 class ItemError(Exception):
@@ -246,6 +256,7 @@ class Predictor:
         use_headers: Let a DICOM header that names another body part, a lateral view or
             another modality refuse the file (:func:`pneumonia.frontal.header_reasons`);
             False ignores headers.
+        batch: Images per model call (and per decoding chunk); see :data:`BATCH`.
 
     Raises:
         ModelLoadError: missing, unreadable or incomplete model file, naming what is wrong.
@@ -257,7 +268,11 @@ class Predictor:
         threads: int | None = None,
         refuse: bool = True,
         use_headers: bool = True,
+        batch: int = BATCH,
     ) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        self.batch = batch
         self.refuse = refuse
         self.use_headers = use_headers
 
@@ -430,7 +445,7 @@ class Predictor:
         *,
         cams: bool = False,
     ) -> Scores:
-        """The model's outputs for model inputs ``x`` (N, C, H, W), run :data:`BATCH` at a time.
+        """The model's outputs for model inputs ``x`` (N, C, H, W), run ``batch`` at a time.
 
         The one place the session runs: :meth:`predict` comes here, and so do the callers that
         hold model inputs already (a site's shifted films, export's parity check).
@@ -445,8 +460,8 @@ class Predictor:
         if len(st) != n:
             raise ValueError(f"{len(st)} decode statistics for {n} images")
         logits, feats, maps, checks = [], [], [], []
-        for i in range(0, n, BATCH):
-            chunk = np.ascontiguousarray(x[i : i + BATCH])
+        for i in range(0, n, self.batch):
+            chunk = np.ascontiguousarray(x[i : i + self.batch])
             check_model_input(chunk, self.spec)
             outs = self.session.run(list(self.output_names), {INPUT_NAME: chunk})
             logits.append(np.asarray(outs[0], dtype=np.float64).reshape(-1))
@@ -455,7 +470,7 @@ class Predictor:
                 feats.append(emb)
             if cams:
                 maps.append(np.asarray(outs[1]))
-            checks += self.input_checks(chunk, emb, st[i : i + BATCH])
+            checks += self.input_checks(chunk, emb, st[i : i + self.batch])
         z = np.concatenate(logits) if logits else np.zeros(0)
         return Scores(
             logits=z,
@@ -478,7 +493,7 @@ class Predictor:
         The batch path of the service, ``pneumonia predict``, ``score``, ``evaluate`` and
         ``recalibrate``: an item that cannot be read or decoded, or that the input check
         refuses, becomes its own error and never costs the others their results. Items are
-        taken :data:`BATCH` at a time, so memory stays bounded however many there are.
+        taken ``batch`` at a time, so memory stays bounded however many there are.
 
         Args:
             items: Encoded bytes, a file to read, a uint8 grayscale array (H, W) (an ``.npz``
@@ -491,7 +506,7 @@ class Predictor:
         """
         refuse = self.refuse if refuse is None else refuse
         it = iter(items)
-        while chunk := list(itertools.islice(it, BATCH)):
+        while chunk := list(itertools.islice(it, self.batch)):
             t0 = time.perf_counter()
             decoded = [self._decode(item) for item in chunk]
             ready = [d for d in decoded if isinstance(d, Preprocessed)]
