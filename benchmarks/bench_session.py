@@ -41,7 +41,7 @@ log = logger("bench_session")
 #: the memory the session options move.
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline (open_session)": {},
-    "enable_mem_pattern off": {"attrs": {"enable_mem_pattern": False}},
+    "enable_mem_pattern on": {"attrs": {"enable_mem_pattern": True}},
     "enable_cpu_mem_arena off": {"attrs": {"enable_cpu_mem_arena": False}},
     "prepacking off": {"config": {"session.disable_prepacking": "1"}},
     "intra_op_num_threads 1": {"attrs": {"intra_op_num_threads": 1}},

@@ -104,9 +104,12 @@ def open_session(model: Path | bytes, threads: int | None = None) -> Any:
     # to 3.8 ms and the service's CPU per request by 4 ms (16.7 -> 12.7 ms on one core, 40 ms
     # of wall time at 0.1 CPU) for 5.3 MB more peak RSS (bench_session.py,
     # bench_request_cpu.py; docs/benchmarks.md). Off was the choice for the float32 model,
-    # where it saved 5.4 MB for 7 ms of CPU. Memory patterns and prepacking stay on (their
-    # default): off, neither lowered the peak by more than 1 MB, and both cost latency.
+    # where it saved 5.4 MB for 7 ms of CPU.
     opts.enable_cpu_mem_arena = True
+    # With the arena on, memory patterns (a plan of every run's buffers, kept beside it) only
+    # add memory: off, the service's peak is 3.5 MB lower at the same p50 and CPU. Prepacking
+    # stays on: off, 1.36x the p50 and no memory saved.
+    opts.enable_mem_pattern = False
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Below ORT_ENABLE_ALL (no layout transformations) requests take 1.5x as long. Its
     # optimization holds about 18 MB more while the session opens than after, which is why
