@@ -154,7 +154,7 @@ frontal-fit: install-test
 # then batch-scoring throughput and memory by engine. Run on an idle machine.
 bench: install-test
 	bash benchmarks/setup_original.sh
-	$(BIN)/python benchmarks/bench_serve.py --json runs/bench_serve.json
+	$(BIN)/python benchmarks/bench_serve.py --runs 3 --json runs/bench_serve.json
 	$(BIN)/python benchmarks/bench_score.py --images 10000
 
 # Minutes of uploads on `pneumonia serve` (shipped model unless LOAD_ARGS says --model):
