@@ -94,20 +94,19 @@ def open_session(model: Path | bytes, threads: int | None = None) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or available_cpus()
     opts.inter_op_num_threads = 1
-    # Threads that wait between operators sleep rather than spin: on the int8 model the
-    # service's CPU per request halves (39.5 -> 19.9 ms on 2 threads) and p50 drops 13%
-    # (bench_session.py, docs/benchmarks.md); spinning burns a CPU quota that is 0.1 CPU.
+    # Threads that wait between operators sleep rather than spin: on the int8 model spinning
+    # costs the service 26.4 against 15.5 ms of CPU per request on 2 threads for a 7% lower
+    # p50 (bench_session.py, docs/benchmarks.md); on a 0.1-CPU quota that is budget burnt.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The arena keeps its largest allocation for the life of the session, so each run reuses
     # pages instead of mapping and faulting fresh ones (serve/heap.py sends every block over
-    # 64 KiB to its own mapping). On the int8 model it cuts one image on one thread from 8.1
-    # to 3.8 ms and the service's CPU per request by 4 ms (16.7 -> 12.7 ms on one core, 40 ms
-    # of wall time at 0.1 CPU) for 5.3 MB more peak RSS (bench_session.py,
-    # bench_request_cpu.py; docs/benchmarks.md). Off was the choice for the float32 model,
-    # where it saved 5.4 MB for 7 ms of CPU.
+    # 64 KiB to its own mapping). On the int8 model it cuts one image on one thread from 7.4
+    # to 3.1 ms, and the service's p50 by 1.31-1.54x and its CPU per request by 5-8 ms, for
+    # 3-5.5 MB more peak RSS (bench_session.py, docs/benchmarks.md). Off was the choice for
+    # the float32 model, where it saved 5.4 MB for 7 ms of CPU.
     opts.enable_cpu_mem_arena = True
     # With the arena on, memory patterns (a plan of every run's buffers, kept beside it) only
-    # add memory: off, the service's peak is 3.5 MB lower at the same p50 and CPU. Prepacking
+    # add memory: off, the service's peak is 2.8-3.5 MB lower at the same or better p50. Prepacking
     # stays on: off, 1.36x the p50 and no memory saved.
     opts.enable_mem_pattern = False
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
