@@ -80,15 +80,17 @@ def test_each_item_gets_its_own_outcome_in_order(predictor: Predictor, tmp_path:
         assert o.p_pneumonia == predictor.predict_bytes(_good(i)).p_pneumonia
 
 
-def test_more_items_than_a_batch_stream_in_order(predictor: Predictor) -> None:
-    n = BATCH * 2 + 3
+@pytest.mark.parametrize("batch", [BATCH, 4])
+def test_more_items_than_a_batch_stream_in_order(tiny_model: Path, batch: int) -> None:
+    predictor = Predictor(tiny_model, threads=1, refuse=False, batch=batch)
+    n = batch * 2 + 3
     images = [_good(i % 5) for i in range(n)]
-    images[BATCH] = b""  # an empty file at a batch boundary
+    images[batch] = b""  # an empty file at a batch boundary
     out = list(predictor.predict(iter(images)))  # any iterable, consumed a batch at a time
-    assert len(out) == n and isinstance(out[BATCH], ImageError)
+    assert len(out) == n and isinstance(out[batch], ImageError)
     alone = {i: predictor.predict_bytes(_good(i)).p_pneumonia for i in range(5)}
     for i, o in enumerate(out):
-        if i != BATCH:
+        if i != batch:
             assert isinstance(o, Prediction) and o.p_pneumonia == pytest.approx(alone[i % 5])
 
 

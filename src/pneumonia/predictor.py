@@ -136,11 +136,10 @@ class ModelLoadError(RuntimeError):
 
 #: Images per model call on the batch path by default (scoring, evaluation, recalibration, a
 #: site fit). onnxruntime's arena (open_session) keeps the largest call's activations for the
-#: session's life, and per image a call of 8 costs what a call of 16 or 32 does on the int8
-#: model (2.8 ms on one thread; 1 image: 2.8, 2 threads: 2.4 vs 2.0 ms), so larger calls
-#: only hold more memory: about 40 MB more at 8 than at 1, 180 MB more at 16. The service
-#: makes calls of one image (serve/settings.py).
-BATCH = 8
+#: session's life, about 6.7 MB per image of the call, while the time per image on the int8
+#: model is the same from 1 to 32 images per call (3.0-3.4 ms on one thread, 2.2-2.5 ms on
+#: two; benchmarks/bench_batch.py, docs/benchmarks.md): larger calls only hold more memory.
+BATCH = 1
 
 
 class ItemError(Exception):

@@ -121,9 +121,9 @@ def load_predictor(settings: Settings) -> Predictor:
         threads=settings.inference_threads,
         refuse=settings.input_check == "refuse",
         use_headers=settings.input_check_headers == "use",
-        # One image per model call: onnxruntime's arena keeps the largest call's activations
-        # for the life of the process, and a batch upload must not grow the service's memory
-        # for good (16 images in one call hold about 180 MB more); per image, one-image calls
-        # cost what larger ones do on the int8 model (predictor.BATCH).
+        # One image per model call, whatever predictor.BATCH becomes: onnxruntime's arena
+        # keeps the largest call's activations for the life of the process, and a batch
+        # upload must not grow the service's memory for good (16 images in one call keep
+        # about 100 MB more; benchmarks/bench_batch.py).
         batch=1,
     )
