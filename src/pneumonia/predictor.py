@@ -136,10 +136,12 @@ class ModelLoadError(RuntimeError):
 
 #: Images per model call on the batch path by default (scoring, evaluation, recalibration, a
 #: site fit). onnxruntime's arena (open_session) keeps the largest call's activations for the
-#: session's life, about 6.7 MB per image of the call, while the time per image on the int8
-#: model is the same from 1 to 32 images per call (3.0-3.4 ms on one thread, 2.2-2.5 ms on
-#: two; benchmarks/bench_batch.py, docs/benchmarks.md): larger calls only hold more memory.
-BATCH = 1
+#: session's life, about 6.7 MB per image of the call. The session alone takes the same time
+#: per image from 1 to 32 images per call (benchmarks/bench_batch.py), but each call also
+#: runs the input checks and the calibration: `pneumonia score` on 10,000 films is 1.34-1.43x
+#: faster at 8 than at 1 for 33-85 MB more (bench_score.py; docs/benchmarks.md). The service
+#: makes calls of one image (serve/settings.py).
+BATCH = 8
 
 
 class ItemError(Exception):
