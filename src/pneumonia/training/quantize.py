@@ -46,10 +46,10 @@ from pneumonia.card import (
     GUARD_METADATA_KEY,
     Calibration,
     CardError,
+    FileDigests,
     ModelCard,
     ModelRef,
     ThresholdChoice,
-    file_digests,
     read_model_card,
     weights_digest,
     with_metadata,
@@ -279,7 +279,8 @@ def quantize_model(
     ort = import_onnxruntime()
     import onnx
 
-    base_digests = file_digests(base)
+    # The base file is in memory already (read_model_card): hash those bytes, not the file again.
+    base_digests = FileDigests(hashlib.sha256(raw).hexdigest(), weights_digest(raw))
     quantization = {
         "method": "static quantization, QDQ format (onnxruntime.quantization.quantize_static)",
         "per_channel": True,
