@@ -621,6 +621,14 @@ def _load_one(sample: Sample, spec: PreprocessSpec, reader: NpzReader) -> np.nda
         return getattr(exc, "message", None) or type(exc).__name__
 
 
+def _warn_skipped(skipped: Sequence[tuple[Path, str]], total: int) -> None:
+    """Log each file a loader skipped and why, then how many of ``total``."""
+    for path, why in skipped:
+        log.warning("skipped unreadable image %s: %s", path, why)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %d", len(skipped), total)
+
+
 def load_images(
     samples: Iterable[Sample], spec: PreprocessSpec, *, workers: int = 2, progress: bool = False
 ) -> LoadedImages:
@@ -644,10 +652,7 @@ def load_images(
             else:
                 arrays.append(r)
                 kept.append(s)
-    for path, why in skipped:
-        log.warning("skipped unreadable image %s: %s", path, why)
-    if skipped:
-        log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(samples))
+    _warn_skipped(skipped, len(samples))
     x = np.stack(arrays) if arrays else np.zeros((0, *spec.input_shape), np.float32)
     y = np.array([s.label for s in kept], dtype=np.int64)
     return LoadedImages(x=x, y=y, samples=kept, skipped=skipped)
@@ -706,10 +711,7 @@ def score_samples(
             preds.append(out)
         else:  # ImageError or ItemError
             skipped.append((s.path, f"{out.code}: {out.message}"))
-    for path, why in skipped:
-        log.warning("skipped unreadable image %s: %s", path, why)
-    if skipped:
-        log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(samples))
+    _warn_skipped(skipped, len(samples))
     y = np.array([s.label for s in kept], dtype=np.int64)
     return ScoredSamples(samples=kept, y=y, predictions=preds, skipped=skipped)
 
