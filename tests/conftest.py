@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,20 @@ def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     run = tmp_path_factory.mktemp("run")
     train(cfg, synthetic_root, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def guarded_run(
+    tiny_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A copy of the tiny run with its input check fitted (``guard.json``); tests that change
+    the run copy it first, and write their exports elsewhere."""
+    from pneumonia.training.guard_fit import fit_run_guard
+
+    run = tmp_path_factory.mktemp("guarded") / "run"
+    shutil.copytree(tiny_run, run)
+    fit_run_guard(run, synthetic_root, components=8)
     return run
 
 

@@ -225,22 +225,10 @@ def test_feature_guard_refuses_corrupt_statistics() -> None:
 
 
 @pytest.fixture(scope="module")
-def guarded_run(
-    tiny_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    from pneumonia.training.guard_fit import fit_run_guard
-
-    run = tmp_path_factory.mktemp("guarded") / "run"
-    shutil.copytree(tiny_run, run)
-    fit_run_guard(run, synthetic_root, components=8)
-    return run
-
-
-@pytest.fixture(scope="module")
-def guarded_model(guarded_run: Path) -> Path:
+def guarded_model(guarded_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pneumonia.training.export import export_run
 
-    out = guarded_run.parent / "model.onnx"
+    out = tmp_path_factory.mktemp("guarded-model") / "model.onnx"
     export_run(guarded_run, out, name="pneumonia-tiny-guarded")
     return out
 

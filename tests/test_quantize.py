@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -31,21 +30,9 @@ INT8_PARITY = 0.2
 
 
 @pytest.fixture(scope="module")
-def guarded_run(
-    tiny_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    from pneumonia.training.guard_fit import fit_run_guard
-
-    run = tmp_path_factory.mktemp("int8") / "run"
-    shutil.copytree(tiny_run, run)
-    fit_run_guard(run, synthetic_root, components=8)
-    return run
-
-
-@pytest.fixture(scope="module")
-def exported(guarded_run: Path) -> tuple[Path, Path]:
+def exported(guarded_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(fp32, int8) files of ``pneumonia export RUN --quantize int8``."""
-    out = guarded_run.parent / "model.onnx"
+    out = tmp_path_factory.mktemp("int8") / "model.onnx"
     args = ["export", str(guarded_run), "--out", str(out), "--name", "tiny-int8-test"]
     assert main([*args, "--quantize", "int8", "--calibration-films", "16"]) == 0
     return out, out.with_name("model.int8.onnx")
@@ -145,7 +132,11 @@ def test_the_int8_file_serves_through_predictor_and_predict(
 
 
 def test_calibration_films_come_from_the_training_side_of_the_split_only(
-    guarded_run: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    guarded_run: Path,
+    exported: tuple[Path, Path],
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The ranges are set on training films: a quantizer that took validation films (the
     refit's) for calibration would be tuned on the films it is judged on."""
@@ -171,10 +162,7 @@ def test_calibration_films_come_from_the_training_side_of_the_split_only(
 
     monkeypatch.setattr(quantize, "load_images", spy_load)
     monkeypatch.setattr(quantize, "quantize_graph", spy_quantize)
-    base = guarded_run.parent / "model.onnx"
-    if not base.is_file():
-        assert main(["export", str(guarded_run), "--out", str(base)]) == 0
-    quantize.quantize_run(guarded_run, base, tmp_path / "q.onnx", films=10)
+    quantize.quantize_run(guarded_run, exported[0], tmp_path / "q.onnx", films=10)
     train = {s.path for s in split.train}
     val = {s.path for s in split.val}
     assert len(seen) == 10 and set(seen) <= train and not set(seen) & val
