@@ -512,18 +512,23 @@ def report(
 
 def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One server's measurements over several runs: the median of every number (a run that
-    failed to give a figure is left out of that figure), other values from the first run."""
+    failed to give a figure is left out of that figure), other values from the first run that
+    has them; ``runs`` counts the runs."""
+    return {**_median_leaves(runs), "runs": len(runs)}
+
+
+def _median_leaves(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, first in runs[0].items():
+    for key in dict.fromkeys(k for r in runs for k in r):  # every key, in first-seen order
         values = [r[key] for r in runs if key in r]
+        first = values[0]
         if isinstance(first, dict):
-            out[key] = median_result([v for v in values if isinstance(v, dict)])
+            out[key] = _median_leaves([v for v in values if isinstance(v, dict)])
         elif isinstance(first, (int, float)) and not isinstance(first, bool):
             nums = [float(v) for v in values if isinstance(v, (int, float))]
             out[key] = statistics.median(nums)
         else:
             out[key] = first
-    out["runs"] = len(runs)
     return out
 
 

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_serve import REPO, ServerSpec, bench_server, make_upload
+from bench_serve import REPO, ServerSpec, _get, bench_server, make_upload, median_result
 from common import MB, logger
 
 log = logger("bench_session")
@@ -237,14 +237,8 @@ def load_average() -> str:
 
 
 def median(rows: list[dict[str, Any]], *keys: str) -> float | None:
-    values = []
-    for r in rows:
-        v: Any = r
-        for k in keys:
-            v = v.get(k) if isinstance(v, dict) else None
-        if isinstance(v, int | float):
-            values.append(float(v))
-    return statistics.median(values) if values else None
+    """The median over ``rows`` (bench_server results) of the figure at ``keys``."""
+    return _get(median_result(rows), *keys) if rows else None
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
