@@ -53,7 +53,7 @@ from pneumonia.calibration import calibrated_probability
 from pneumonia.data import is_image_file, load_images
 from pneumonia.evaluate import expected_calibration_error, roc_auc
 from pneumonia.guard import REFUSED_OUTCOMES
-from pneumonia.predictor import Predictor, open_session
+from pneumonia.predictor import Predictor
 from pneumonia.training.quantize import split_from_card
 from pneumonia.training.stress import StressedScores, stressed_logits, stressed_report
 from pneumonia.training.train import session_logits
@@ -77,7 +77,7 @@ def measure(path: Path, data: Path, nonxray: Path | None, threads: int) -> dict[
     val = load_images(split.val, p.spec)
     log(f"{path}: {len(val.y)} validation films, stressed validation")
     stressed: StressedScores = stressed_logits(
-        session_logits(open_session(path, threads)), val.x, val.y, cfg.stress_seed
+        session_logits(p.session), val.x, val.y, cfg.stress_seed
     )
     probs = {
         k: calibrated_probability(z, p.temperature, p.bias) for k, z in stressed.logits.items()
